@@ -1,0 +1,276 @@
+"""Isolated SSH build hosts for tests, each in its own namespaces.
+
+A host is the cached Debian rootfs (``rootfs.py``) under a per-host overlay
+on tmpfs, running ``sshd`` as PID 1 of its own PID namespace, with its own
+mount and UTS namespaces and its own network namespace joined to this
+machine by a veth pair with a private /30. It has a freshly generated host
+key and an admin user (``mpcadmin``, passwordless sudo) whose key the test
+can store in a Kubernetes Secret, exactly what a real host pool needs.
+
+Users created on a host live only in its overlay, never in this machine's
+``/etc/passwd``. Traffic goes only between this machine and these namespaces.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from . import rootfs
+from .procs import alive, wait_for
+
+SSH_OPTS = ["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
+            "-o", "StrictHostKeyChecking=yes"]
+
+SSHD_CONFIG = """\
+HostKey /etc/ssh/ssh_host_ed25519_key
+ListenAddress {address}:22
+PermitRootLogin no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM yes
+MaxStartups 200:30:400
+MaxSessions 50
+"""
+
+
+def keypair() -> tuple[bytes, str]:
+    """A fresh ed25519 key: (OpenSSH private key bytes, public key line)."""
+    k = ed25519.Ed25519PrivateKey.generate()
+    priv = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                           serialization.NoEncryption())
+    pub = k.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                      serialization.PublicFormat.OpenSSH).decode()
+    return priv, pub
+
+
+@dataclass
+class SSHHost:
+    """One running host; ``address`` is reachable from this machine's network namespace."""
+
+    name: str
+    index: int
+    base: Path            # extracted rootfs (overlay lower dir), shared by all hosts
+    state: Path           # per-host upper/work dirs and logs, on tmpfs
+    netns: str
+    veth: str
+    host_ip: str
+    address: str
+    admin_user: str = rootfs.ADMIN_USER
+    port: int = 22
+    admin_key: bytes = b""
+    host_public_key: str = ""
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.state / "admin_key"
+
+    @property
+    def known_hosts_line(self) -> str:
+        return f"{self.address} {self.host_public_key}"
+
+    @property
+    def known_hosts_file(self) -> Path:
+        return self.state / "known_hosts"
+
+    # --- lifecycle -----------------------------------------------------------------
+    def create(self) -> "SSHHost":
+        upper, work, merged = self.state / "upper", self.state / "work", self.state / "root"
+        for d in (upper, work, merged):
+            d.mkdir(parents=True, exist_ok=True)
+        # Files placed in the upper dir shadow the shared base: identity of this host.
+        (upper / "etc/ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
+        (upper / "etc/hostname").write_text(self.name + "\n")
+        (upper / "etc/hosts").write_text(f"127.0.0.1 localhost\n{self.address} {self.name}\n")
+        hk_priv, hk_pub = keypair()
+        hk = upper / "etc/ssh/ssh_host_ed25519_key"
+        hk.write_bytes(hk_priv)
+        hk.chmod(0o600)
+        (upper / "etc/ssh/ssh_host_ed25519_key.pub").write_text(hk_pub + "\n")
+        self.host_public_key = hk_pub
+        (upper / "etc/ssh/sshd_config.d/10-mpc-test.conf").write_text(
+            SSHD_CONFIG.format(address=self.address))
+        self.admin_key, admin_pub = keypair()
+        self.admin_key_file.write_bytes(self.admin_key)
+        self.admin_key_file.chmod(0o600)
+        self.known_hosts_file.write_text(self.known_hosts_line + "\n")
+        sshdir = upper / "home" / self.admin_user / ".ssh"
+        sshdir.mkdir(parents=True)
+        (sshdir / "authorized_keys").write_text(admin_pub + "\n")
+        for p, mode in ((sshdir.parent, 0o755), (sshdir, 0o700), (sshdir / "authorized_keys", 0o600)):
+            os.chown(p, rootfs.ADMIN_UID, rootfs.ADMIN_UID)
+            p.chmod(mode)
+        self._network_up()
+        return self.start()
+
+    def _network_up(self) -> None:
+        run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+        run("ip", "netns", "add", self.netns)
+        run("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
+            "netns", self.netns)
+        run("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.veth)
+        run("ip", "link", "set", self.veth, "up")
+        run("ip", "-n", self.netns, "link", "set", "lo", "up")
+        run("ip", "-n", self.netns, "addr", "add", f"{self.address}/30", "dev", "eth0")
+        run("ip", "-n", self.netns, "link", "set", "eth0", "up")
+        run("ip", "-n", self.netns, "route", "add", "default", "via", self.host_ip)
+
+    def start(self) -> "SSHHost":
+        """Boot sshd in fresh mount/PID/UTS namespaces inside the host's netns."""
+        s = self.state
+        r = s / "root"
+        q = shlex.quote
+        inner = f"""
+set -eu
+mount -t overlay overlay -o lowerdir={q(str(self.base))},upperdir={q(str(s / 'upper'))},workdir={q(str(s / 'work'))} {q(str(r))}
+hostname {q(self.name)}
+mount -t proc proc {q(str(r))}/proc
+mount -t sysfs sysfs {q(str(r))}/sys
+mount --rbind /sys/fs/cgroup {q(str(r))}/sys/fs/cgroup
+mount -t tmpfs -o mode=755 tmpfs {q(str(r))}/dev
+for d in null zero full random urandom tty fuse; do
+  [ -e /dev/$d ] || continue
+  touch {q(str(r))}/dev/$d; mount --bind /dev/$d {q(str(r))}/dev/$d
+done
+mkdir -p {q(str(r))}/dev/pts {q(str(r))}/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts {q(str(r))}/dev/pts
+ln -sf pts/ptmx {q(str(r))}/dev/ptmx
+mount -t tmpfs tmpfs {q(str(r))}/dev/shm
+mount -t tmpfs -o mode=755 tmpfs {q(str(r))}/run
+mkdir -p {q(str(r))}/run/sshd {q(str(r))}/run/lock
+chmod 1777 {q(str(r))}/tmp
+exec chroot {q(str(r))} /usr/sbin/sshd -D -e
+"""
+        log = s / "sshd.log"
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts", "--pid",
+             "--fork", "--kill-child", "--propagation", "private", "bash", "-c", inner],
+            stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        wait_for(f"sshd on {self.name}", lambda: b"Server listening on" in log.read_bytes()
+                 and self.proc.poll() is None, timeout=20, log=log)
+        # the log is appended to on restart: consume what is there now
+        log.write_bytes(b"")
+        return self
+
+    def stop(self) -> None:
+        """Kill everything in the host (its PID namespace dies with sshd); keep its disk."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self.proc = None
+        wait_for(f"{self.name} processes gone", lambda: not self._pids(), timeout=10)
+
+    def destroy(self) -> None:
+        self.stop()
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+    def _pids(self) -> list[int]:
+        """PIDs whose root directory is this host's root (still-running host processes)."""
+        root = str(self.state / "root")
+        out = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    if os.readlink(p / "root") == root and alive(int(p.name)):
+                        out.append(int(p.name))
+                except OSError:
+                    pass
+        return out
+
+    # --- access --------------------------------------------------------------------
+    def sshd_pid(self) -> int:
+        """PID (in this machine's namespace) of the host's sshd, PID 1 inside the host."""
+        pids = self._pids()
+        if not pids:
+            raise RuntimeError(f"{self.name} is not running")
+        return min(pids, key=lambda p: os.stat(f"/proc/{p}").st_ctime_ns)
+
+    def exec(self, script: str, check: bool = True, input: str | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run a shell script as root *inside* the host, without SSH (test evidence)."""
+        pid = self.sshd_pid()
+        return subprocess.run(
+            ["nsenter", "-t", str(pid), "-m", "-u", "-p", "-n", "-r", "-w", "/bin/sh", "-c", script],
+            check=check, capture_output=True, text=True, input=input, timeout=timeout)
+
+    def ssh_argv(self, user: str | None = None, key: Path | None = None,
+                 known_hosts: Path | None = None) -> list[str]:
+        return ["ssh", *SSH_OPTS, "-o", f"UserKnownHostsFile={known_hosts or self.known_hosts_file}",
+                "-i", str(key or self.admin_key_file), "-p", str(self.port),
+                f"{user or self.admin_user}@{self.address}"]
+
+    def ssh(self, command: str, user: str | None = None, key: Path | None = None,
+            check: bool = True, input: str | None = None, timeout: float = 60
+            ) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.ssh_argv(user, key), command], check=check,
+                              capture_output=True, text=True, input=input, timeout=timeout)
+
+    def path(self, inside: str) -> Path:
+        """A path inside the running host (its root is only mounted in its own namespace)."""
+        return Path(f"/proc/{self.sshd_pid()}/root") / inside.lstrip("/")
+
+    def users(self) -> list[str]:
+        """Login names in the host's own /etc/passwd."""
+        text = self.path("/etc/passwd").read_text()
+        return [line.split(":", 1)[0] for line in text.splitlines() if line]
+
+
+class HostFarm:
+    """Creates and destroys SSH hosts for one test session."""
+
+    # 192.168.250.0/24 split into /30s: host i is .4i+2, this machine's end .4i+1.
+    SUBNET = "192.168.250"
+
+    def __init__(self, session: str | None = None):
+        self.session = session or f"{os.getpid() % 100000:05d}"
+        self.hosts: list[SSHHost] = []
+        self._next = 0
+        self.dir = Path(tempfile.mkdtemp(prefix=f"mpc-hosts-{self.session}-", dir="/dev/shm"))
+        self.base = self.dir / "base"
+        self._extracted = False
+
+    def _extract(self) -> None:
+        if self._extracted:
+            return
+        tar = rootfs.ensure_rootfs()
+        self.base.mkdir()
+        subprocess.run(f"zstd -dc {shlex.quote(str(tar))} | tar -C {shlex.quote(str(self.base))} "
+                       "--numeric-owner -xf -", shell=True, check=True)
+        self._extracted = True
+
+    def add(self, name: str | None = None) -> SSHHost:
+        self._extract()
+        i = self._next
+        self._next += 1
+        if i >= 63:
+            raise RuntimeError("at most 63 test hosts per session")
+        name = name or f"host{i}"
+        h = SSHHost(name=name, index=i, base=self.base, state=self.dir / f"h{i}",
+                    netns=f"mpc{self.session}h{i}", veth=f"mv{self.session}h{i}"[:15],
+                    host_ip=f"{self.SUBNET}.{4 * i + 1}", address=f"{self.SUBNET}.{4 * i + 2}")
+        self.hosts.append(h)
+        return h.create()
+
+    def close(self) -> None:
+        for h in self.hosts:
+            h.destroy()
+        self.hosts.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        # `ip netns add` leaves /run/netns mounted; drop it once no netns remains
+        if Path("/run/netns").exists() and not any(Path("/run/netns").iterdir()):
+            subprocess.run(["umount", "/run/netns"], capture_output=True)
