@@ -230,14 +230,45 @@ exec chroot {q(str(r))} /usr/sbin/sshd -D -e
         return [line.split(":", 1)[0] for line in text.splitlines() if line]
 
 
-class HostFarm:
-    """Creates and destroys SSH hosts for one test session."""
+LOCKS = Path("/run/mpc-test-subnets")
 
-    # 192.168.250.0/24 split into /30s: host i is .4i+2, this machine's end .4i+1.
-    SUBNET = "192.168.250"
+
+def _claim_subnet() -> tuple[str, Path]:
+    """Claim a free 192.168.N.0/24 (N in 200..249) for this process; stale claims are reused."""
+    LOCKS.mkdir(parents=True, exist_ok=True)
+    for n in range(200, 250):
+        lock = LOCKS / str(n)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                continue
+            if owner and alive(owner):
+                continue
+            lock.unlink(missing_ok=True)
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return f"192.168.{n}", lock
+    raise RuntimeError("no free test subnet in 192.168.200-249")
+
+
+class HostFarm:
+    """Creates and destroys SSH hosts for one test session.
+
+    Each farm owns one 192.168.N.0/24, split into /30s: host i is .4i+2 and
+    this machine's end of its veth is .4i+1. Concurrent test sessions get
+    different N, so their routes never overlap.
+    """
 
     def __init__(self, session: str | None = None):
         self.session = session or f"{os.getpid() % 100000:05d}"
+        self.SUBNET, self._lock = _claim_subnet()
         self.hosts: list[SSHHost] = []
         self._next = 0
         self.dir = Path(tempfile.mkdtemp(prefix=f"mpc-hosts-{self.session}-", dir="/dev/shm"))
@@ -271,6 +302,7 @@ class HostFarm:
             h.destroy()
         self.hosts.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._lock.unlink(missing_ok=True)
         # `ip netns add` leaves /run/netns mounted; drop it once no netns remains
         if Path("/run/netns").exists() and not any(Path("/run/netns").iterdir()):
             subprocess.run(["umount", "/run/netns"], capture_output=True)

@@ -1,0 +1,84 @@
+"""Names shared by the watcher, the generated Tasks and the runner.
+
+Everything that two parts of mpc must compute identically lives here, and
+only here (a user-name mismatch between provision and cleanup leaked users
+for months in the Go controller). Label *values* must be valid label values
+(<= 63 chars, [A-Za-z0-9_.-]); anything longer or with '/' goes in an
+annotation.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+DOMAIN = "build.mpc.dev"
+
+# --- on build TaskRuns ----------------------------------------------------------
+FINALIZER = f"{DOMAIN}/provisioner"
+PLATFORM_PARAM = "PLATFORM"
+SECRET_PREFIX = "multi-platform-ssh-"
+
+# --- labels/annotations on everything mpc creates ---------------------------------
+LABEL_MANAGED = f"{DOMAIN}/managed-by"          # value: MANAGED_VALUE
+MANAGED_VALUE = "mpc"
+LABEL_TASKRUN_UID = f"{DOMAIN}/taskrun-uid"     # uid of the build TaskRun (36 chars)
+LABEL_TASKRUN_NAMESPACE = f"{DOMAIN}/taskrun-namespace"
+LABEL_ROLE = f"{DOMAIN}/role"                   # provision | deprovision | sweep | slot | waiter
+LABEL_HOST = f"{DOMAIN}/host"                   # host name from the pool (validated as a label value)
+ANN_TASKRUN_NAME = f"{DOMAIN}/taskrun-name"     # names can exceed 63 chars: annotation
+ANN_PLATFORM = f"{DOMAIN}/platform"             # contains '/': annotation
+ANN_USER = f"{DOMAIN}/user"
+ANN_ADDRESS = f"{DOMAIN}/address"
+ANN_ALLOCATED_AT = f"{DOMAIN}/allocated-at"
+
+# --- the host pool ---------------------------------------------------------------
+HOST_POOL_CONFIGMAP = "mpc-host-pool"           # key POOL_KEY holds the YAML pool
+POOL_KEY = "pool.yaml"
+KONFLUX_CONFIGMAP = "host-config"               # flat Konflux MPC keys are accepted too
+
+# --- Pipelines the watcher instantiates (params agreed with the generator) -------
+PROVISION_PIPELINE = "mpc-provision"
+DEPROVISION_PIPELINE = "mpc-deprovision"
+SWEEP_TASK = "mpc-sweep"
+PIPELINE_PARAMS = ("TASKRUN_NAME", "TASKRUN_NAMESPACE", "TASKRUN_UID", "PLATFORM")
+DEPROVISION_PARAMS = ("TASKRUN_NAME", "TASKRUN_NAMESPACE", "TASKRUN_UID")
+TASKS_SERVICE_ACCOUNT = "mpc-tasks"             # runs the provisioning Tasks (writes secrets)
+WATCHER_SERVICE_ACCOUNT = "mpc-watcher"         # cannot read secrets
+
+
+def secret_name(taskrun_name: str) -> str:
+    return SECRET_PREFIX + taskrun_name
+
+
+def _short(*parts: str, length: int) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:length]
+
+
+def provision_run_name(taskrun_uid: str) -> str:
+    """One provisioning PipelineRun per build TaskRun (failover happens inside it)."""
+    return f"mpc-provision-{taskrun_uid}"
+
+
+def deprovision_run_name(taskrun_uid: str) -> str:
+    return f"mpc-deprovision-{taskrun_uid}"
+
+
+def build_user(namespace: str, taskrun_name: str, taskrun_uid: str) -> str:
+    """The Unix user for one build on a host: ``u-`` + 24 hex chars (26 < 32 chars).
+
+    The uid makes a re-created TaskRun with the same name a different user.
+    """
+    return "u-" + _short(namespace, taskrun_name, taskrun_uid, length=24)
+
+
+USER_RE = re.compile(r"^u-[0-9a-f]{24}$")
+
+
+def slot_name(host: str, index: int) -> str:
+    """The Lease that is slot ``index`` of ``host``: creating it is taking the slot."""
+    return f"mpc-slot-{host}-{index}"
+
+
+def waiter_name(taskrun_uid: str) -> str:
+    """The Lease that queues a build for a full platform (FIFO by creation time)."""
+    return f"mpc-wait-{taskrun_uid}"
