@@ -52,6 +52,10 @@ rootfs: deps venv ## debootstrap the SSH test-host rootfs (cached tarball)
 test: deps venv upstream rootfs ## install everything and run the whole suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+.PHONY: bench
+bench: deps venv upstream rootfs ## run the benchmarks; they print figures
+	$(PY) -m pytest -m bench -s -p no:randomly tests/bench $(PYTEST_ARGS)
+
 .PHONY: clean
 clean: ## remove the venv (the cache in $(MPC_CACHE) stays)
 	rm -rf $(VENV) *.egg-info
