@@ -11,6 +11,8 @@ import importlib
 import sys
 
 COMMANDS = [
+    "cmd_generate",
+    "cmd_hostpool",
 ]
 
 

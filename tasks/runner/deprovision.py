@@ -1,0 +1,157 @@
+"""Deprovisioning one build and sweeping leftovers.
+
+``deprovision``: for every slot the build's TaskRun uid holds, kill the
+user's processes and delete the user (a missing user is success), delete
+the slot, drop a queue entry, delete the build's secret. Safe to repeat.
+
+``sweep``: slots whose TaskRun no longer exists (or is another object with
+the same name), waiter entries nobody renews, and ``u-*`` users on hosts
+that no slot accounts for. Users are listed *before* slots, so a build
+being provisioned right now (slot first, then user) is never mistaken for
+an orphan.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kubernetes import client
+
+from . import buildsecret, contract, log
+from .hostpool import Pool, PoolError
+from .kube import Kube
+from .poolsource import admin_key, load_pool
+from .provision import remove_users
+from .remote import HostError, open_session, script
+from .slots import Slots
+
+
+@dataclass
+class Report:
+    removed_users: list[str] = field(default_factory=list)
+    released_slots: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    secret_deleted: bool = False
+    round_trips: int = 0
+
+
+def _pool(kube: Kube, namespace: str, name: str) -> Pool | None:
+    try:
+        return load_pool(kube, namespace, name)
+    except PoolError as e:
+        log.event("host pool unreadable; slots on unknown hosts are kept", level="warning",
+                  error=str(e))
+        return None
+
+
+def wait_for_provisioning(kube: Kube, namespace: str, uid: str, timeout: float) -> None:
+    """Let a cancelled provisioning run stop before cleaning up behind it."""
+    deadline = time.monotonic() + timeout
+    name = contract.provision_run_name(uid)
+    while time.monotonic() < deadline:
+        try:
+            pr = kube.custom.get_namespaced_custom_object("tekton.dev", "v1", namespace,
+                                                          "pipelineruns", name)
+        except client.ApiException as e:
+            if e.status in (403, 404):
+                return
+            raise
+        conds = (pr.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Succeeded" and c.get("status") in ("True", "False") for c in conds):
+            return
+        time.sleep(1)
+    log.event("provisioning run still running; deprovisioning anyway", level="warning", uid=uid)
+
+
+def release_slots(kube: Kube, namespace: str, pool: Pool | None, slots: Slots,
+                  held: list, report: Report) -> None:
+    by_host: dict[str, list] = {}
+    for s in held:
+        by_host.setdefault(s.host, []).append(s)
+    for host_name, hs in by_host.items():
+        host = pool.host(host_name) if pool else None
+        if host is None:
+            report.errors.append(f"{host_name}: host not in the pool; slot kept")
+            continue
+        users = sorted({s.holder.user for s in hs})
+        try:
+            report.round_trips += remove_users(kube, namespace, host, users)
+        except HostError as e:
+            report.errors.append(str(e))
+            continue
+        report.removed_users += users
+        for s in hs:
+            slots.release(s)
+            report.released_slots.append(s.lease_name)
+
+
+def deprovision(kube: Kube, controller_namespace: str, namespace: str, name: str, uid: str,
+                pool_configmap: str = contract.HOST_POOL_CONFIGMAP,
+                provisioning_grace: float = 120) -> Report:
+    report = Report()
+    wait_for_provisioning(kube, controller_namespace, uid, provisioning_grace)
+    slots = Slots(kube, controller_namespace)
+    slots.dequeue(uid)
+    held = slots.held_by(uid)
+    if held:
+        release_slots(kube, controller_namespace, _pool(kube, controller_namespace, pool_configmap),
+                      slots, held, report)
+    report.secret_deleted = buildsecret.delete(kube, namespace, name, uid)
+    log.event("deprovisioned" if not report.errors else "deprovisioning incomplete",
+              level="info" if not report.errors else "warning", namespace=namespace, name=name,
+              uid=uid, users=report.removed_users, slots=report.released_slots,
+              errors=report.errors, secret_deleted=report.secret_deleted)
+    return report
+
+
+def _taskrun_alive(kube: Kube, namespace: str, name: str, uid: str) -> bool:
+    tr = kube.taskrun(namespace, name) if namespace and name else None
+    return bool(tr) and tr["metadata"].get("uid") == uid
+
+
+def list_users(kube: Kube, namespace: str, host) -> list[str]:
+    with open_session(host, admin_key(kube, namespace, host)) as s:
+        out = s.run(script("list-users.sh"))
+    return [u for u in out.split() if contract.USER_RE.match(u)]
+
+
+def sweep(kube: Kube, controller_namespace: str,
+          pool_configmap: str = contract.HOST_POOL_CONFIGMAP) -> Report:
+    report = Report()
+    pool = _pool(kube, controller_namespace, pool_configmap)
+    slots = Slots(kube, controller_namespace)
+    # 1. users on hosts, listed before the slots (see module docstring)
+    users_on: dict[str, list[str]] = {}
+    for host in (pool.hosts if pool else ()):
+        try:
+            users_on[host.name] = list_users(kube, controller_namespace, host)
+            report.round_trips += 1
+        except HostError as e:
+            report.errors.append(str(e))
+    # 2. slots whose build is gone
+    all_slots = slots.all()
+    orphans = [s for s in all_slots
+               if not _taskrun_alive(kube, s.holder.namespace, s.holder.name, s.holder.uid)]
+    if orphans:
+        release_slots(kube, controller_namespace, pool, slots, orphans, report)
+        for s in orphans:
+            if buildsecret.delete(kube, s.holder.namespace, s.holder.name, s.holder.uid):
+                report.secret_deleted = True
+    # 3. users no slot accounts for
+    accounted = {(s.host, s.holder.user) for s in all_slots if s not in orphans}
+    for host_name, users in users_on.items():
+        strays = sorted(u for u in users if (host_name, u) not in accounted
+                        and u not in report.removed_users)
+        if not strays:
+            continue
+        try:
+            report.round_trips += remove_users(kube, controller_namespace, pool.host(host_name), strays)
+            report.removed_users += strays
+        except HostError as e:
+            report.errors.append(str(e))
+    # 4. queue entries nobody renews
+    for w in slots.stale_waiters():
+        slots.dequeue(w.metadata.labels.get(contract.LABEL_TASKRUN_UID, ""))
+    log.event("sweep done", users=report.removed_users, slots=report.released_slots,
+              errors=report.errors)
+    return report

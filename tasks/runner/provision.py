@@ -1,0 +1,197 @@
+"""Provisioning one build: validate, take a slot, create the user, write the secret.
+
+Order matters for cleanup: the slot (which names the user) exists before the
+user is created on the host, and the secret is written last, so whatever
+point a run is killed at, deprovisioning or the sweep finds what to remove.
+A retry of the same build reuses the slot it already holds.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from . import buildsecret, contract, log
+from .hostpool import Host, Pool, PoolError
+from .kube import Kube
+from .poolsource import admin_key, load_pool
+from .remote import HostError, open_session, parse_output, script
+from .slots import Holder, Slot, Slots
+
+PLATFORM_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}/[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclass
+class Request:
+    taskrun_name: str
+    taskrun_namespace: str
+    taskrun_uid: str
+    platform: str
+    controller_namespace: str
+    pool_configmap: str = contract.HOST_POOL_CONFIGMAP
+    max_wait_seconds: int | None = None
+
+
+@dataclass
+class Outcome:
+    result: str                      # served | local | error | gone
+    host: str = ""
+    message: str = ""
+    round_trips: int = 0
+    failed_hosts: dict[str, str] = field(default_factory=dict)
+
+
+def _fail(kube: Kube, taskrun: dict, message: str, **extra) -> Outcome:
+    buildsecret.write_error(kube, taskrun, message)
+    log.event("error secret written", level="warning", reason=message, **_ids(taskrun))
+    return Outcome("error", message=message, **extra)
+
+
+def _ids(taskrun: dict) -> dict:
+    m = taskrun["metadata"]
+    return {"namespace": m["namespace"], "name": m["name"], "uid": m["uid"]}
+
+
+def live_taskrun(kube: Kube, req: Request) -> dict | None:
+    """The build TaskRun if it still exists, is the same object, and is not being deleted."""
+    tr = kube.taskrun(req.taskrun_namespace, req.taskrun_name)
+    if not tr or tr["metadata"].get("uid") != req.taskrun_uid:
+        return None
+    if tr["metadata"].get("deletionTimestamp"):
+        return None
+    return tr
+
+
+def sudo_rule(host: Host) -> str:
+    return ", ".join(host.sudo_commands)
+
+
+def limit_lines(host: Host, user: str) -> str:
+    return "\n".join(f"{user} {kind} {name} {value}" for name, value in host.limits
+                     for kind in ("soft", "hard"))
+
+
+def create_user(kube: Kube, req: Request, host: Host, user: str, public_key: str
+                ) -> tuple[str, str, int]:
+    """Create the build user on ``host``: returns (user dir, pinned known_hosts line, round trips)."""
+    key = admin_key(kube, req.controller_namespace, host)
+    with open_session(host, key) as s:
+        out = s.run(script("provision-user.sh", BUILD_USER=user, PUBLIC_KEY=public_key,
+                           SUDO_RULE=sudo_rule(host), LIMIT_LINES=limit_lines(host, user)))
+        dirs = parse_output(out, "MPC_USER_DIR")
+        if not dirs:
+            raise HostError(host.name, "provisioning script did not report the user's home")
+        return dirs[-1], s.pinned_line(), s.round_trips
+
+
+def remove_users(kube: Kube, namespace: str, host: Host, users: list[str]) -> int:
+    """Remove build users from a host (idempotent); returns SSH round trips."""
+    bad = [u for u in users if not contract.USER_RE.match(u)]
+    if bad:
+        raise ValueError(f"not mpc build users: {bad}")
+    if not users:
+        return 0
+    key = admin_key(kube, namespace, host)
+    with open_session(host, key) as s:
+        s.run(script("deprovision-users.sh", BUILD_USERS=" ".join(users)))
+        return s.round_trips
+
+
+def provision(kube: Kube, req: Request, poll: float = 0.5) -> Outcome:
+    taskrun = live_taskrun(kube, req)
+    if taskrun is None:
+        log.event("build TaskRun gone; nothing to provision", namespace=req.taskrun_namespace,
+                  name=req.taskrun_name, uid=req.taskrun_uid)
+        return Outcome("gone")
+    ids = _ids(taskrun)
+    try:
+        pool = load_pool(kube, req.controller_namespace, req.pool_configmap)
+    except PoolError as e:
+        return _fail(kube, taskrun, "mpc cannot allocate a build host because the host pool is "
+                     "invalid: " + "; ".join(e.errors) + ". The platform team must fix the pool "
+                     "(check it with `mpc hostpool validate FILE`).")
+    if not pool.namespace_allowed(req.taskrun_namespace):
+        return _fail(kube, taskrun, f"namespace {req.taskrun_namespace} is not allowed to use "
+                     f"mpc build hosts; allowed namespaces: {', '.join(pool.allowed_namespaces) or 'none'}. "
+                     "Ask the platform team to add it to allowedNamespaces in the host pool.")
+    if not PLATFORM_RE.match(req.platform):
+        return _fail(kube, taskrun, f"invalid PLATFORM {req.platform!r}: expected <os>/<arch> "
+                     "such as linux/arm64. Fix the PLATFORM param of the build.")
+    if req.platform in pool.local_platforms:
+        buildsecret.write(kube, taskrun, {"host": "localhost"})
+        log.event("local platform: secret written", platform=req.platform, **ids)
+        return Outcome("local", host="localhost")
+    hosts = pool.hosts_for(req.platform)
+    if not hosts:
+        return _fail(kube, taskrun, f"no host configured for platform {req.platform}; configured "
+                     f"platforms: {', '.join(pool.platforms) or 'none'}. Use one of these or ask "
+                     "the platform team to add a host for it to the host pool.")
+    return _serve(kube, req, pool, hosts, taskrun, poll)
+
+
+def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dict,
+           poll: float) -> Outcome:
+    ids = _ids(taskrun)
+    slots = Slots(kube, req.controller_namespace)
+    holder = Holder(req.taskrun_namespace, req.taskrun_name, req.taskrun_uid, req.platform)
+    user = holder.user
+    failed: dict[str, str] = {}
+    trips = 0
+    max_wait = pool.max_wait_seconds if req.max_wait_seconds is None else req.max_wait_seconds
+    deadline = time.monotonic() + max_wait
+    held = [s for s in slots.held_by(req.taskrun_uid)]
+    while True:
+        candidates = [h for h in hosts if h.name not in failed]
+        if not candidates:
+            detail = "; ".join(f"{k}: {v}" for k, v in failed.items())
+            return _fail(kube, taskrun, f"provisioning failed on every host of platform "
+                         f"{req.platform}: {detail}. The platform team should check these hosts "
+                         "and their admin keys.", failed_hosts=failed, round_trips=trips)
+        slot = next((s for s in held if s.host in {h.name for h in candidates}), None)
+        if slot is None:
+            slot = slots.acquire(candidates, holder, deadline, poll=poll, on_wait=lambda pos: log.event(
+                "platform full: waiting for a slot", platform=req.platform, position=pos, **ids))
+        if slot is None:
+            return _fail(kube, taskrun, f"no host of platform {req.platform} became free within "
+                         f"{max_wait}s ({len(candidates)} hosts, "
+                         f"{sum(h.concurrency for h in candidates)} slots, all busy). Retry the build "
+                         "later or ask the platform team for more capacity.",
+                         failed_hosts=failed, round_trips=trips)
+        host = pool.host(slot.host)
+        log.event("slot taken", host=host.name, slot=slot.index, user=user, **ids)
+        if live_taskrun(kube, req) is None:
+            slots.release(slot)
+            log.event("build TaskRun gone after allocation; slot released", **ids)
+            return Outcome("gone", round_trips=trips)
+        priv, pub = buildsecret.new_keypair()
+        try:
+            user_dir, known_hosts, n = create_user(kube, req, host, user, pub)
+            trips += n
+        except HostError as e:
+            failed[host.name] = str(e).split(": ", 1)[-1]
+            log.event("host failed; trying the next", level="warning", host=host.name,
+                      error=failed[host.name], **ids)
+            _undo(kube, req, slots, slot, host, user)
+            held = []
+            continue
+        # The build may have been deleted while we worked: never leave a user behind.
+        taskrun = live_taskrun(kube, req)
+        if taskrun is None:
+            _undo(kube, req, slots, slot, host, user)
+            log.event("build TaskRun gone during provisioning; user removed", **ids)
+            return Outcome("gone", round_trips=trips)
+        buildsecret.write(kube, taskrun, {"id_rsa": priv, "host": f"{user}@{host.address}",
+                                          "user-dir": user_dir, "known_hosts": known_hosts + "\n"})
+        log.event("provisioned", host=host.name, slot=slot.index, user=user, **ids)
+        return Outcome("served", host=host.name, round_trips=trips, failed_hosts=failed)
+
+
+def _undo(kube: Kube, req: Request, slots: Slots, slot: Slot, host: Host, user: str) -> None:
+    try:
+        remove_users(kube, req.controller_namespace, host, [user])
+    except (HostError, ValueError) as e:
+        # The slot stays so the sweep retries removing the user later.
+        log.event("could not remove user; slot kept for the sweep", level="warning",
+                  host=host.name, user=user, error=str(e))
+        return
+    slots.release(slot)
