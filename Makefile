@@ -59,3 +59,34 @@ bench: deps venv upstream rootfs ## run the benchmarks; they print figures
 .PHONY: clean
 clean: ## remove the venv (the cache in $(MPC_CACHE) stays)
 	rm -rf $(VENV) *.egg-info
+
+# --- Tekton bundles: `make run`, `make bundles`, `make pin-bundles` ---------------
+# REGISTRY: where the bundles go (host[:port]/path, e.g. quay.io/acme/mpc);
+# left empty, `make run` pushes to an embedded loopback registry it starts and
+# stops. VERSION: the tag of every bundle (default: mpc's package version).
+# The creation time is SOURCE_DATE_EPOCH, else the HEAD commit time, so the
+# same sources give the same digests. See bundles/README.md.
+REGISTRY ?=
+VERSION ?=
+BUNDLES_LOCK ?= bundles/bundles.lock.yaml
+PIN_PATHS ?= tasks glue
+PIN_OUT ?= dist/release
+MPC := $(VENV)/bin/mpc
+BUNDLE_ARGS = $(if $(REGISTRY),--registry $(REGISTRY)) $(if $(VERSION),--version $(VERSION))
+
+.PHONY: run
+run: deps venv upstream ## main job: generate + validate every Task, push all bundles with tkn, list them
+	$(MPC) bundles run $(BUNDLE_ARGS)
+
+.PHONY: bundles
+bundles: venv upstream ## push every bundle: make bundles REGISTRY=quay.io/acme/mpc VERSION=0.1
+	@[ -n "$(REGISTRY)" ] && [ -n "$(VERSION)" ] || \
+	  { echo "usage: make bundles REGISTRY=host[:port]/path VERSION=x.y" >&2; exit 2; }
+	$(MPC) bundles push $(BUNDLE_ARGS) --lock $(BUNDLES_LOCK)
+
+.PHONY: pin-bundles
+pin-bundles: venv ## release manifests pinned to the digests in BUNDLES_LOCK, into PIN_OUT (or PIN_IN_PLACE=1)
+	$(MPC) bundles pin --lock $(BUNDLES_LOCK) \
+	  $(if $(PIN_IN_PLACE),--in-place,--out $(PIN_OUT)) $(wildcard $(PIN_PATHS))
+	$(MPC) bundles check-pinned --lock $(BUNDLES_LOCK) \
+	  $(if $(PIN_IN_PLACE),$(wildcard $(PIN_PATHS)),$(PIN_OUT))

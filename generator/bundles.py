@@ -285,17 +285,45 @@ def is_pinned(ref: str) -> bool:
     return bool(PINNED.match(ref))
 
 
+REF_KINDS = {"taskRef": "Task", "pipelineRef": "Pipeline"}
+
+
+def object_refs(node: Any, path: str = "") -> Iterator[tuple[str, str, dict]]:
+    """(where, key, mapping) for every ``taskRef``/``pipelineRef`` mapping in a document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            here = f"{path}.{k}" if path else str(k)
+            if k in REF_KINDS and isinstance(v, dict):
+                yield here, k, v
+            yield from object_refs(v, here)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            label = v.get("name") if isinstance(v, dict) and isinstance(v.get("name"), str) else i
+            yield from object_refs(v, f"{path}[{label}]")
+
+
+def cluster_ref_key(key: str, ref: dict) -> str | None:
+    """``Kind/name`` of a plain (cluster) reference, None for resolver references."""
+    if ref.get("resolver") or not isinstance(ref.get("name"), str):
+        return None
+    return f"{ref.get('kind') or REF_KINDS[key]}/{ref['name']}"
+
+
 def dependencies(spec: Spec) -> dict[str, set[str]]:
-    """bundle -> our bundles its objects reference through ``resolver: bundles``."""
+    """bundle -> our other bundles its objects reference (resolver or cluster refs)."""
     names = {b.name for b in spec.bundles}
+    holder = {k: b.name for b in spec.bundles for k in b.objects}
     deps: dict[str, set[str]] = {}
     for b in spec.bundles:
         d = deps.setdefault(b.name, set())
         for o in b.resolved:
-            for r in bundle_refs(o.body):
-                target = ref_params(r).get("bundle")
-                if isinstance(target, str) and bundle_name_of(target) in names:
-                    d.add(bundle_name_of(target))
+            for _, key, r in object_refs(o.body):
+                if r.get("resolver") == "bundles" and isinstance(r.get("params"), list):
+                    target = ref_params(r).get("bundle")
+                    if isinstance(target, str) and bundle_name_of(target) in names:
+                        d.add(bundle_name_of(target))
+                elif (ck := cluster_ref_key(key, r)) in holder:
+                    d.add(holder[ck])
         d.discard(b.name)
     return deps
 

@@ -1,128 +1,132 @@
-"""Rewrite ``resolver: bundles`` references to pinned ``repo:tag@sha256:`` refs.
+"""Point references at pinned bundles: ``resolver: bundles`` with ``repo:tag@sha256:``.
 
-Edits are made in the text, at the exact position of each ``bundle`` param
-value, so everything else in a file (comments, quoting, order) stays
-byte-for-byte as it was.
+Two kinds of reference are rewritten, wherever they appear in a YAML file
+(Pipelines' ``taskRef``, PipelineRuns' ``pipelineRef``, deploy manifests):
+
+- a ``resolver: bundles`` reference whose ``bundle`` names one of our bundles
+  (by the last repository component, so ``task-mpc-provision``,
+  ``old.registry/x/task-mpc-provision:0.1`` and a pinned ref all match) gets
+  the pinned ref;
+- a cluster reference (``taskRef: {kind: Task, name: mpc-provision}``) to an
+  object one of our bundles holds becomes a ``resolver: bundles`` reference
+  to that bundle.
+
+Files are round-tripped with ruamel.yaml, so comments, quoting and key order
+survive; files with nothing to rewrite are not touched.
 """
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from .bundles import bundle_name_of, bundle_refs, is_pinned, ref_params
+from .bundles import (bundle_name_of, bundle_refs, cluster_ref_key, is_pinned,
+                      object_refs, ref_params)
 
-PLAIN_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+@dataclass
+class Pins:
+    """Pinned refs by bundle name, and which bundle holds each ``Kind/name``."""
+
+    refs: dict[str, str] = field(default_factory=dict)
+    holder: dict[str, str] = field(default_factory=dict)
+
+    def add(self, bundle: str, ref: str, objects: Iterable[str]) -> None:
+        self.refs[bundle] = ref
+        for o in objects:
+            self.holder[o] = bundle
 
 
 @dataclass(frozen=True)
 class Change:
     path: Path | None
-    line: int           # 1-based
+    where: str
     old: str
     new: str
 
 
-def _scalar_end(line: str, col: int) -> int:
-    """Where the YAML scalar starting at ``col`` ends (quoted, or plain in block/flow)."""
-    if line[col] in "\"'":
-        q = line[col]
-        i = col + 1
-        while i < len(line):
-            if line[i] == q:
-                if q == "'" and i + 1 < len(line) and line[i + 1] == "'":
-                    i += 2
-                    continue
-                return i + 1
-            if q == '"' and line[i] == "\\":
-                i += 1
-            i += 1
-        raise ValueError("multi-line quoted scalar")
-    m = re.compile(r"\s+#|,|\}|\]|\s*$").search(line, col)
-    return m.start() if m else len(line)
+def _yaml() -> YAML:
+    y = YAML()
+    y.preserve_quotes = True
+    y.indent(mapping=2, sequence=4, offset=2)
+    y.width = 4096
+    return y
 
 
-def _render(value: str) -> str:
-    return value if PLAIN_SAFE.match(value) else json.dumps(value)
-
-
-def pin_text(text: str, pins: dict[str, str], path: Path | None = None) -> tuple[str, list[Change]]:
-    """Replace the ``bundle`` param of every reference to a bundle named in ``pins``.
-
-    ``pins`` maps a bundle name (last repository component) to its pinned
-    reference. References to other bundles are left alone.
-    """
-    lines = text.splitlines(keepends=True)
-    edits: list[tuple[int, int, int, str, str]] = []
-    for doc in YAML().load_all(text):
-        for ref in bundle_refs(doc):
+def pin_document(doc: Any, pins: Pins, path: Path | None = None) -> list[Change]:
+    """Rewrite one parsed (ruamel round-trip or plain) document in place."""
+    changes: list[Change] = []
+    for where, key, ref in object_refs(doc):
+        if ref.get("resolver") == "bundles" and isinstance(ref.get("params"), list):
             for p in ref["params"]:
                 if not isinstance(p, dict) or p.get("name") != "bundle":
                     continue
                 old = p.get("value")
-                if not isinstance(old, str) or bundle_name_of(old) not in pins:
-                    continue
-                new = pins[bundle_name_of(old)]
-                if old == new:
-                    continue
-                line, col = p.lc.value("value")
-                end = _scalar_end(lines[line].rstrip("\r\n"), col)
-                edits.append((line, col, end, old, new))
-    changes = []
-    for line, col, end, old, new in sorted(edits, reverse=True):
-        s = lines[line]
-        lines[line] = s[:col] + _render(new) + s[end:]
-        changes.append(Change(path, line + 1, old, new))
-    return "".join(lines), sorted(changes, key=lambda c: c.line)
+                if isinstance(old, str) and bundle_name_of(old) in pins.refs:
+                    new = pins.refs[bundle_name_of(old)]
+                    if new != old:
+                        p["value"] = new
+                        changes.append(Change(path, where, old, new))
+            continue
+        ck = cluster_ref_key(key, ref)
+        holder = pins.holder.get(ck) if ck else None
+        if holder is None:
+            continue
+        kind = ck.split("/")[0]
+        new_ref = pins.refs[holder]
+        name = ref["name"]
+        for k in ("name", "kind", "apiVersion"):
+            ref.pop(k, None)
+        params = [{"name": "bundle", "value": new_ref}, {"name": "name", "value": name},
+                  {"name": "kind", "value": kind.lower()}]
+        if isinstance(ref, CommentedMap):
+            params = CommentedSeq(CommentedMap(p) for p in params)
+        ref["resolver"] = "bundles"
+        ref["params"] = params
+        changes.append(Change(path, where, f"{kind}/{name} (cluster)", new_ref))
+    return changes
 
 
-def files_with_refs(roots: Iterable[Path]) -> list[Path]:
+def pin_text(text: str, pins: Pins, path: Path | None = None) -> tuple[str, list[Change]]:
+    y = _yaml()
+    docs = list(y.load_all(text))
+    changes: list[Change] = []
+    for d in docs:
+        changes += pin_document(d, pins, path)
+    if not changes:
+        return text, []
+    buf = io.StringIO()
+    y.dump_all(docs, buf)
+    return buf.getvalue(), changes
+
+
+def yaml_files(roots: Iterable[Path]) -> list[Path]:
     out = []
     for root in roots:
         root = Path(root)
-        cands = [root] if root.is_file() else sorted(
-            p for pat in ("*.yaml", "*.yml") for p in root.rglob(pat) if p.is_file())
-        for f in cands:
-            if "bundles" in f.read_text(errors="replace"):
-                out.append(f)
+        if root.is_file():
+            out.append(root)
+        elif root.is_dir():
+            out += sorted(p for pat in ("*.yaml", "*.yml") for p in root.rglob(pat) if p.is_file())
     return out
 
 
-def unpinned(roots: Iterable[Path]) -> list[str]:
-    """Every ``resolver: bundles`` reference that is not ``repo:tag@sha256:<digest>``."""
-    bad = []
-    for f in files_with_refs(roots):
-        for doc in YAML(typ="safe").load_all(f.read_text()):
-            for ref in bundle_refs(doc):
-                v = ref_params(ref).get("bundle")
-                if not isinstance(v, str) or not is_pinned(v):
-                    bad.append(f"{f}: bundle reference {v!r} is not pinned (repo:tag@sha256:...)")
-    return bad
+def pin_files(roots: Iterable[Path], pins: Pins, base: Path, out: Path | None) -> list[Change]:
+    """Pin every YAML file under ``roots``; into ``out`` (same paths below ``base``) or in place.
 
-
-def all_refs(roots: Iterable[Path]) -> list[tuple[Path, str]]:
-    found = []
-    for f in files_with_refs(roots):
-        for doc in YAML(typ="safe").load_all(f.read_text()):
-            for ref in bundle_refs(doc):
-                found.append((f, ref_params(ref).get("bundle")))
-    return found
-
-
-def pin_files(roots: Iterable[Path], pins: dict[str, str], base: Path,
-              out: Path | None) -> list[Change]:
-    """Pin every file under ``roots``; write into ``out`` (same relative paths) or in place."""
+    With ``out``, only files that reference our bundles or objects are written.
+    """
     changes: list[Change] = []
-    for f in files_with_refs(roots):
+    for f in yaml_files(roots):
         text = f.read_text()
         new, ch = pin_text(text, pins, f)
+        if not ch:
+            continue
         if out is None:
-            if new != text:
-                f.write_text(new)
+            f.write_text(new)
         else:
             try:
                 rel = f.resolve().relative_to(Path(base).resolve())
@@ -133,3 +137,34 @@ def pin_files(roots: Iterable[Path], pins: dict[str, str], base: Path,
             dest.write_text(new)
         changes += ch
     return changes
+
+
+def unpinned(roots: Iterable[Path], pins: Pins | None = None) -> list[str]:
+    """References a release must not contain.
+
+    Every ``resolver: bundles`` reference must be ``repo:tag@sha256:<digest>``;
+    given ``pins``, a reference to one of our bundles must be exactly the
+    pinned ref, and no cluster reference to an object we ship may remain.
+    """
+    bad = []
+    safe = YAML(typ="safe")
+    for f in yaml_files(roots):
+        try:
+            docs = list(safe.load_all(f.read_text()))
+        except Exception as e:  # noqa: BLE001 - report, don't crash the check
+            bad.append(f"{f}: not valid YAML: {e}")
+            continue
+        for doc in docs:
+            for ref in bundle_refs(doc):
+                v = ref_params(ref).get("bundle")
+                if not isinstance(v, str) or not is_pinned(v):
+                    bad.append(f"{f}: bundle reference {v!r} is not pinned (repo:tag@sha256:...)")
+                elif pins and bundle_name_of(v) in pins.refs and v != pins.refs[bundle_name_of(v)]:
+                    bad.append(f"{f}: {v} is not the pushed {pins.refs[bundle_name_of(v)]}")
+            if pins:
+                for where, key, ref in object_refs(doc):
+                    ck = cluster_ref_key(key, ref)
+                    if ck in pins.holder:
+                        bad.append(f"{f}: {where} still names {ck} on the cluster; "
+                                   "run `make pin-bundles`")
+    return bad

@@ -13,6 +13,7 @@ import sys
 COMMANDS = [
     "cmd_generate",
     "cmd_hostpool",
+    "cmd_bundles",
 ]
 
 

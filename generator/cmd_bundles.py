@@ -1,0 +1,219 @@
+"""``mpc bundles``: check, push, pin and show the Tekton bundles mpc ships.
+
+    mpc bundles check                       declaration vs catalog, resolver rules
+    mpc bundles push --registry R --version V [--lock FILE]
+    mpc bundles run [--registry R]          the whole product in one go (make run)
+    mpc bundles pin --lock FILE [--out DIR | --in-place] PATH...
+    mpc bundles check-pinned PATH...
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+import time
+from pathlib import Path
+
+from .bundles import BundleError, check_refs, load
+from .bundles_pin import pin_files, unpinned
+from .bundles_push import BuildInfo, find_tkn, list_bundle, push, read_lock, table, write_lock
+from .bundles_registry import LocalRegistry, read_layers
+
+# Sub-commands of `mpc` that regenerate the checked-in Tasks, tried in this
+# order by `mpc bundles run`; each is called with `--check` when it has that
+# flag (then a stale checked-in Task is an error) and plainly otherwise.
+GENERATE_COMMANDS = ("generate", "tasks", "gen")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", type=Path, default=Path("bundles/bundles.yaml"),
+                   help="bundle declaration (default: %(default)s)")
+    p.add_argument("--tasks", type=Path, default=Path("tasks"),
+                   help="catalog scanned for Tekton objects (default: %(default)s)")
+
+
+def _push_opts(p: argparse.ArgumentParser, registry_required: bool) -> None:
+    p.add_argument("--registry", required=registry_required, default="",
+                   help="host[:port]/path the bundles go under, e.g. quay.io/acme/mpc")
+    p.add_argument("--version", default="", help="tag for every bundle (e.g. 0.1)")
+    p.add_argument("--lock", type=Path, help="write the pushed refs and digests here")
+    p.add_argument("--ctime", default="", help="creation time (RFC 3339); default "
+                   "SOURCE_DATE_EPOCH, else the HEAD commit time")
+    p.add_argument("--source", default="", help="org.opencontainers.image.source "
+                   "(default: the declaration's `source`, else git remote origin)")
+    p.add_argument("--revision", default="", help="org.opencontainers.image.revision "
+                   "(default: git HEAD)")
+    p.add_argument("--tkn", default=None, help="tkn binary (default: $MPC_CACHE/bin/tekton/tkn, "
+                   "else PATH)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bundles", help="check, push and pin the Tekton bundles",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_subparsers(dest="bundles_command", metavar="ACTION", required=True)
+
+    c = s.add_parser("check", help="check the declaration against the catalog and the resolver rules")
+    _common(c)
+    c.set_defaults(func=cmd_check)
+
+    c = s.add_parser("push", help="push every bundle with tkn and print refs with digests")
+    _common(c)
+    _push_opts(c, registry_required=True)
+    c.set_defaults(func=cmd_push)
+
+    c = s.add_parser("run", help="generate and validate the Tasks, push every bundle "
+                     "(to an embedded loopback registry unless --registry) and list it")
+    _common(c)
+    _push_opts(c, registry_required=False)
+    c.add_argument("--no-generate", action="store_true", help="skip the Task generator")
+    c.set_defaults(func=cmd_run)
+
+    c = s.add_parser("pin", help="rewrite `resolver: bundles` references to pinned digests")
+    c.add_argument("--lock", type=Path, required=True, help="lock file written by `push`")
+    c.add_argument("--base", type=Path, default=Path("."), help="paths in --out are relative to this")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", type=Path, help="write pinned copies here (same relative paths)")
+    g.add_argument("--in-place", action="store_true", help="rewrite the files themselves")
+    c.add_argument("paths", nargs="+", type=Path)
+    c.set_defaults(func=cmd_pin)
+
+    c = s.add_parser("check-pinned", help="fail unless every `resolver: bundles` reference "
+                     "is repo:tag@sha256:... (and, with --lock, nothing we ship is named on the cluster)")
+    c.add_argument("--lock", type=Path, help="lock file: refs must be exactly these")
+    c.add_argument("paths", nargs="+", type=Path)
+    c.set_defaults(func=cmd_check_pinned)
+
+
+def _err(e: Exception) -> int:
+    msg = e.problems if isinstance(e, BundleError) else [str(e)]
+    print("error:", file=sys.stderr)
+    for m in msg:
+        print(f"  - {m}", file=sys.stderr)
+    return 1
+
+
+def _load(args):
+    spec = load(args.spec, args.tasks)
+    problems = check_refs(spec)
+    if problems:
+        raise BundleError(problems)
+    return spec
+
+
+def cmd_check(args) -> int:
+    try:
+        spec = _load(args)
+    except BundleError as e:
+        return _err(e)
+    for b in spec.bundles:
+        print(f"{b.name}: " + ", ".join(f"{o.key} ({o.path})" for o in b.resolved))
+    print(f"ok: {len(spec.bundles)} bundles, "
+          f"{sum(len(b.resolved) for b in spec.bundles)} objects")
+    return 0
+
+
+def _info(args, spec) -> BuildInfo:
+    version = args.version or importlib.metadata.version("mpc")
+    return BuildInfo.detect(Path("."), version, source=args.source or spec.source,
+                            revision=args.revision, ctime=args.ctime)
+
+
+def cmd_push(args) -> int:
+    try:
+        spec = _load(args)
+        info = _info(args, spec)
+        result = push(spec, args.registry, info, tkn=args.tkn)
+    except (BundleError, FileNotFoundError) as e:
+        return _err(e)
+    if args.lock:
+        write_lock(args.lock, result)
+        print(f"wrote {args.lock}")
+    print(table(result))
+    return 0
+
+
+def _generate() -> None:
+    """Run the Task generator if the CLI has one (so stale checked-in YAML fails here)."""
+    from . import cli
+    parser = cli.parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in GENERATE_COMMANDS:
+        if name in sub.choices:
+            flags = {o for a in sub.choices[name]._actions for o in a.option_strings}
+            argv = [name, "--check"] if "--check" in flags else [name]
+            print(f"== mpc {' '.join(argv)}")
+            rc = cli.main(argv)
+            if rc:
+                raise BundleError(f"`mpc {' '.join(argv)}` failed (exit {rc})")
+            return
+    print("== no Task generator registered in mpc's CLI yet: validating the checked-in Tasks")
+
+
+def cmd_run(args) -> int:
+    t0 = time.monotonic()
+    try:
+        find_tkn(args.tkn)
+        if not args.no_generate:
+            _generate()
+        print(f"== validating {args.tasks}/ against {args.spec}")
+        spec = _load(args)
+        n = sum(len(b.resolved) for b in spec.bundles)
+        print(f"   {len(spec.bundles)} bundles, {n} Tekton objects, resolver rules hold")
+        info = _info(args, spec)
+        if args.registry:
+            return _run_push(args, spec, info, args.registry, t0, local=False)
+        with LocalRegistry() as reg:
+            print(f"== embedded registry on {reg.address} (stopped when done)")
+            return _run_push(args, spec, info, f"{reg.address}/mpc", t0, local=True)
+    except (BundleError, FileNotFoundError, RuntimeError) as e:
+        return _err(e)
+
+
+def _run_push(args, spec, info, registry, t0, local: bool) -> int:
+    print(f"== tkn bundle push -> {registry}  (version {info.version}, created {info.created}, "
+          f"revision {info.revision[:12]})")
+    t_push = time.monotonic()
+    result = push(spec, registry, info, tkn=args.tkn, log=lambda m: print("   " + m))
+    pushed_s = time.monotonic() - t_push
+    listing = {}
+    for p in result.pushed:
+        listing[p.bundle] = list_bundle(p.ref, args.tkn)
+        if local:   # read every layer back over the registry API: what the resolver would get
+            manifest, layers = read_layers(p.ref)
+            names = [lay.annotations.get("dev.tekton.image.name") for lay in layers]
+            if len(layers) != len(p.objects) or sorted(names) != sorted(o.split("/")[1] for o in p.objects):
+                raise BundleError(f"{p.ref}: registry holds {names}, expected {p.objects}")
+    if args.lock:
+        write_lock(args.lock, result)
+        print(f"wrote {args.lock}")
+    print("== pushed (tkn bundle list):")
+    print(table(result, listing))
+    print(f"== {len(result.pushed)} bundles pushed in {pushed_s:.1f}s; whole run {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+def cmd_pin(args) -> int:
+    try:
+        pins = read_lock(args.lock)
+        changes = pin_files(args.paths, pins, args.base, None if args.in_place else args.out)
+    except BundleError as e:
+        return _err(e)
+    for ch in changes:
+        print(f"{ch.path}: {ch.where}: {ch.old} -> {ch.new}")
+    where = "in place" if args.in_place else f"into {args.out}"
+    print(f"pinned {len(changes)} references {where}")
+    return 0
+
+
+def cmd_check_pinned(args) -> int:
+    try:
+        pins = read_lock(args.lock) if args.lock else None
+    except BundleError as e:
+        return _err(e)
+    bad = unpinned(args.paths, pins)
+    for b in bad:
+        print(b, file=sys.stderr)
+    if bad:
+        return 1
+    print("ok: every `resolver: bundles` reference is pinned")
+    return 0
