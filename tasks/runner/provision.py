@@ -16,7 +16,7 @@ from .hostpool import Host, Pool, PoolError
 from .kube import Kube
 from .poolsource import admin_key, load_pool
 from .remote import HostError, open_session, parse_output, script
-from .slots import Holder, Slot, Slots
+from .slots import Gone, Holder, Slot, Slots
 
 PLATFORM_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}/[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -149,8 +149,15 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
                          "and their admin keys.", failed_hosts=failed, round_trips=trips)
         slot = next((s for s in held if s.host in {h.name for h in candidates}), None)
         if slot is None:
-            slot = slots.acquire(candidates, holder, deadline, poll=poll, on_wait=lambda pos: log.event(
-                "platform full: waiting for a slot", platform=req.platform, position=pos, **ids))
+            try:
+                slot = slots.acquire(
+                    candidates, holder, deadline, poll=poll,
+                    alive=lambda: live_taskrun(kube, req) is not None,
+                    on_wait=lambda pos: log.event("platform full: waiting for a slot",
+                                                  platform=req.platform, position=pos, **ids))
+            except Gone:
+                log.event("build TaskRun gone while waiting; left the queue", **ids)
+                return Outcome("gone", round_trips=trips)
         if slot is None:
             return _fail(kube, taskrun, f"no host of platform {req.platform} became free within "
                          f"{max_wait}s ({len(candidates)} hosts, "

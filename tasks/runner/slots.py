@@ -26,6 +26,11 @@ from .hostpool import Host
 from .kube import Kube, is_status
 
 WAITER_STALE_SECONDS = 30
+ALIVE_CHECK_SECONDS = 3
+
+
+class Gone(Exception):
+    """The build stopped wanting a slot (its TaskRun was deleted) while it waited."""
 
 
 def now() -> dt.datetime:
@@ -200,10 +205,13 @@ class Slots:
         return [w for w in self._list(sel) if stale(w)]
 
     def acquire(self, hosts: list[Host], holder: Holder, deadline: float,
-                poll: float = 0.5, on_wait=None) -> Slot | None:
-        """Queue for and take a slot; None when ``deadline`` (monotonic) passes."""
+                poll: float = 0.5, on_wait=None, alive=None) -> Slot | None:
+        """Queue for and take a slot; None when ``deadline`` (monotonic) passes.
+
+        ``alive()`` is asked every few seconds while waiting; False raises Gone.
+        """
         self.enqueue(holder)
-        last_renew = time.monotonic()
+        last_renew = last_alive = time.monotonic()
         waited = False
         try:
             while True:
@@ -218,6 +226,10 @@ class Slots:
                     on_wait(pos)
                 waited = True
                 time.sleep(poll)
+                if alive and time.monotonic() - last_alive > ALIVE_CHECK_SECONDS:
+                    last_alive = time.monotonic()
+                    if not alive():
+                        raise Gone(holder.uid)
                 if time.monotonic() - last_renew > WAITER_STALE_SECONDS / 3:
                     self.renew(holder)
                     last_renew = time.monotonic()

@@ -144,6 +144,10 @@ done
 mkdir -p {q(str(r))}/dev/pts {q(str(r))}/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts {q(str(r))}/dev/pts
 ln -sf pts/ptmx {q(str(r))}/dev/ptmx
+ln -sf /proc/self/fd {q(str(r))}/dev/fd
+ln -sf /proc/self/fd/0 {q(str(r))}/dev/stdin
+ln -sf /proc/self/fd/1 {q(str(r))}/dev/stdout
+ln -sf /proc/self/fd/2 {q(str(r))}/dev/stderr
 mount -t tmpfs tmpfs {q(str(r))}/dev/shm
 mount -t tmpfs -o mode=755 tmpfs {q(str(r))}/run
 mkdir -p {q(str(r))}/run/sshd {q(str(r))}/run/lock
@@ -195,10 +199,15 @@ exec chroot {q(str(r))} /usr/sbin/sshd -D -e
     # --- access --------------------------------------------------------------------
     def sshd_pid(self) -> int:
         """PID (in this machine's namespace) of the host's sshd, PID 1 inside the host."""
-        pids = self._pids()
-        if not pids:
-            raise RuntimeError(f"{self.name} is not running")
-        return min(pids, key=lambda p: os.stat(f"/proc/{p}").st_ctime_ns)
+        for pid in self._pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            nspid = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")), [])
+            if nspid and nspid[-1] == "1":
+                return pid
+        raise RuntimeError(f"{self.name} is not running")
 
     def exec(self, script: str, check: bool = True, input: str | None = None,
              timeout: float = 60) -> subprocess.CompletedProcess:

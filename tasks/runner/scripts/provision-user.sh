@@ -24,8 +24,10 @@ home="$(getent passwd "$BUILD_USER" | cut -d: -f6)"
 
 sudo -n install -d -m 0700 -o "$BUILD_USER" -g "$BUILD_USER" "$home/.ssh"
 # restrict: no agent, X11 or port forwarding, no pty, no ~/.ssh/rc
-printf 'restrict %s\n' "$PUBLIC_KEY" \
-  | sudo -n install -m 0600 -o "$BUILD_USER" -g "$BUILD_USER" /dev/stdin "$home/.ssh/authorized_keys"
+keys="$home/.ssh/authorized_keys"
+printf 'restrict %s\n' "$PUBLIC_KEY" | sudo -n tee "$keys" >/dev/null
+sudo -n chown "$BUILD_USER:$BUILD_USER" "$keys"
+sudo -n chmod 0600 "$keys"
 
 sudoers="/etc/sudoers.d/mpc-$BUILD_USER"
 if [ -n "$SUDO_RULE" ]; then
@@ -40,7 +42,8 @@ fi
 
 limits="/etc/security/limits.d/mpc-$BUILD_USER.conf"
 if [ -n "$LIMIT_LINES" ]; then
-  printf '%s\n' "$LIMIT_LINES" | sudo -n install -m 0644 /dev/stdin "$limits"
+  printf '%s\n' "$LIMIT_LINES" | sudo -n tee "$limits" >/dev/null
+  sudo -n chmod 0644 "$limits"
 else
   sudo -n rm -f "$limits"
 fi
