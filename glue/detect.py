@@ -1,0 +1,84 @@
+"""Which TaskRuns are builds, and where they are in their life. Pure functions on dicts."""
+from __future__ import annotations
+
+from typing import Any
+
+from mpc.runner import contract as c
+
+
+def _task_spec(tr: dict) -> dict:
+    """The resolved task spec: ``status.taskSpec`` (bundles, cluster resolver,
+    taskRef) if Tekton has written it, else the inline ``spec.taskSpec``."""
+    status = tr.get("status") or {}
+    spec = status.get("taskSpec") or (tr.get("spec") or {}).get("taskSpec")
+    return spec if isinstance(spec, dict) else {}
+
+
+def platform_of(tr: dict) -> str | None:
+    """The PLATFORM the build asks for: its param, else the Task's default."""
+    for p in (tr.get("spec") or {}).get("params") or ():
+        if isinstance(p, dict) and p.get("name") == c.PLATFORM_PARAM:
+            v = p.get("value")
+            return v if isinstance(v, str) and v else None
+    for p in _task_spec(tr).get("params") or ():
+        if isinstance(p, dict) and p.get("name") == c.PLATFORM_PARAM:
+            v = p.get("default")
+            return v if isinstance(v, str) and v else None
+    return None
+
+
+def mounts_build_secret(tr: dict) -> bool:
+    for v in _task_spec(tr).get("volumes") or ():
+        if not isinstance(v, dict):
+            continue
+        secret = v.get("secret")
+        if isinstance(secret, dict) and str(secret.get("secretName", "")).startswith(c.SECRET_PREFIX):
+            return True
+    return False
+
+
+def build_platform(tr: dict) -> str | None:
+    """The platform if ``tr`` is a multi-platform build TaskRun, else None.
+
+    Runs mpc itself created (the provisioning pipelines' own TaskRuns, the
+    sweep) are never builds, whatever their params say.
+    """
+    labels = (tr.get("metadata") or {}).get("labels") or {}
+    if labels.get(c.LABEL_MANAGED) == c.MANAGED_VALUE:
+        return None
+    platform = platform_of(tr)
+    if platform is None or not mounts_build_secret(tr):
+        return None
+    return platform
+
+
+def succeeded(obj: dict) -> bool | None:
+    """The ``Succeeded`` condition: True, False, or None while running / unknown."""
+    for cond in (obj.get("status") or {}).get("conditions") or ():
+        if isinstance(cond, dict) and cond.get("type") == "Succeeded":
+            s = cond.get("status")
+            return True if s == "True" else False if s == "False" else None
+    return None
+
+
+def is_done(obj: dict) -> bool:
+    return succeeded(obj) is not None
+
+
+def deleting(obj: dict) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def has_finalizer(obj: dict) -> bool:
+    return c.FINALIZER in ((obj.get("metadata") or {}).get("finalizers") or ())
+
+
+def condition_reason(obj: dict) -> str:
+    for cond in (obj.get("status") or {}).get("conditions") or ():
+        if isinstance(cond, dict) and cond.get("type") == "Succeeded":
+            return str(cond.get("reason") or "")
+    return ""
+
+
+def meta(obj: dict, key: str, default: Any = None) -> Any:
+    return (obj.get("metadata") or {}).get(key, default)

@@ -1,0 +1,104 @@
+"""Prometheus metrics of the watcher (``/metrics``).
+
+Platform label values come from TaskRun params, which users control: to keep
+the number of series bounded, a value becomes a label only if the host pool
+knows it (or, while the pool is unreadable, for the first few well-formed
+values); everything else is counted as ``other``.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+PREFIX = "mpc_glue"
+_WELL_FORMED = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,30}(/[a-z0-9][a-z0-9_.-]{0,30})?$")
+_MAX_UNKNOWN = 20
+
+
+class PlatformLabels:
+    def __init__(self) -> None:
+        self._known: set[str] = set()
+        self._extra: set[str] = set()
+        self._lock = threading.Lock()
+
+    def set_known(self, platforms: Iterable[str]) -> None:
+        with self._lock:
+            self._known = set(platforms)
+
+    def __call__(self, platform: str | None) -> str:
+        if not platform:
+            return "unknown"
+        with self._lock:
+            if platform in self._known or platform in self._extra:
+                return platform
+            if _WELL_FORMED.match(platform) and len(self._extra) < _MAX_UNKNOWN:
+                self._extra.add(platform)
+                return platform
+        return "other"
+
+
+class _BuildGauges:
+    """waiting/running builds per platform, computed at scrape time.
+
+    A platform once seen is always reported, with 0 when it has no builds, so
+    a gauge drops to zero instead of keeping its last value.
+    """
+
+    def __init__(self, snapshot: Callable[[], dict[str, tuple[int, int]]]):
+        self.snapshot = snapshot
+        self.seen: set[str] = set()
+
+    def collect(self):
+        waiting = GaugeMetricFamily(f"{PREFIX}_builds_waiting",
+                                    "Build TaskRuns waiting for a host (provisioning not finished)",
+                                    labels=["platform"])
+        running = GaugeMetricFamily(f"{PREFIX}_builds_running",
+                                    "Build TaskRuns provisioned and still running",
+                                    labels=["platform"])
+        snap = self.snapshot()
+        self.seen |= set(snap)
+        for p in sorted(self.seen):
+            w, r = snap.get(p, (0, 0))
+            waiting.add_metric([p], w)
+            running.add_metric([p], r)
+        yield waiting
+        yield running
+
+    def describe(self):
+        return []
+
+
+class Metrics:
+    def __init__(self, snapshot: Callable[[], dict[str, tuple[int, int]]],
+                 queue_depth: Callable[[], int]):
+        self.registry = r = CollectorRegistry()
+        self.platform = PlatformLabels()
+        self.runs_started = Counter(f"{PREFIX}_runs_started", "PipelineRuns started",
+                                    ["role", "platform"], registry=r)
+        self.runs_succeeded = Counter(f"{PREFIX}_runs_succeeded", "PipelineRuns that succeeded",
+                                      ["role", "platform"], registry=r)
+        self.runs_failed = Counter(f"{PREFIX}_runs_failed", "PipelineRuns that failed",
+                                   ["role", "platform"], registry=r)
+        self.provision_seconds = Histogram(
+            f"{PREFIX}_provision_seconds",
+            "Build TaskRun first seen -> provisioning run succeeded (its secret written)",
+            ["platform"], registry=r,
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, float("inf")))
+        self.errors = Counter(f"{PREFIX}_errors", "Errors by kind", ["kind"], registry=r)
+        self.not_allowed = Counter(f"{PREFIX}_namespace_not_allowed",
+                                   "Builds in namespaces the host pool does not allow",
+                                   ["platform"], registry=r)
+        self.reconciles = Counter(f"{PREFIX}_reconciles", "Reconciles by outcome", ["outcome"],
+                                  registry=r)
+        self.runs_deleted = Counter(f"{PREFIX}_runs_garbage_collected",
+                                    "Finished runs deleted by GC", ["role"], registry=r)
+        self.sweeps = Counter(f"{PREFIX}_sweeps_started", "Sweep TaskRuns started", registry=r)
+        self.watch_events = Counter(f"{PREFIX}_watch_events", "Watch events handled",
+                                    ["resource"], registry=r)
+        Gauge(f"{PREFIX}_queue_depth", "Keys waiting in the work queue",
+              registry=r).set_function(queue_depth)
+        r.register(_BuildGauges(snapshot))

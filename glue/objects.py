@@ -1,0 +1,136 @@
+"""The objects the watcher creates, as plain dicts (pure functions, no API calls).
+
+Names shared with the Tasks come from ``mpc.runner.contract``. Names that only
+the watcher uses are defined here.
+"""
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+
+from mpc.runner import contract as c
+
+COMPONENT = "mpc-glue"
+DEFAULT_NAMESPACE = "mpc-system"
+# On a provisioning PipelineRun: when the watcher asked Tekton to cancel it
+# (RFC 3339). Bounds how long deprovisioning waits for the cancellation.
+ANN_CANCEL_REQUESTED = f"{c.DOMAIN}/cancel-requested-at"
+
+ROLE_PROVISION = "provision"
+ROLE_DEPROVISION = "deprovision"
+ROLE_SWEEP = "sweep"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
+def _labels(role: str, uid: str, namespace: str) -> dict:
+    return {c.LABEL_MANAGED: c.MANAGED_VALUE, c.LABEL_ROLE: role,
+            c.LABEL_TASKRUN_UID: uid, c.LABEL_TASKRUN_NAMESPACE: namespace}
+
+
+def provision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
+                  platform: str) -> dict:
+    return {
+        "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
+        "metadata": {
+            "name": c.provision_run_name(uid), "namespace": controller_ns,
+            "labels": _labels(ROLE_PROVISION, uid, namespace),
+            "annotations": {c.ANN_TASKRUN_NAME: name, c.ANN_PLATFORM: platform},
+        },
+        "spec": {
+            "pipelineRef": {"name": c.PROVISION_PIPELINE},
+            "params": [{"name": k, "value": v} for k, v in zip(
+                c.PIPELINE_PARAMS, (name, namespace, uid, platform))],
+            "taskRunTemplate": {"serviceAccountName": sa},
+        },
+    }
+
+
+def deprovision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
+                    platform: str | None) -> dict:
+    ann = {c.ANN_TASKRUN_NAME: name}
+    if platform:
+        ann[c.ANN_PLATFORM] = platform
+    return {
+        "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
+        "metadata": {
+            "name": c.deprovision_run_name(uid), "namespace": controller_ns,
+            "labels": _labels(ROLE_DEPROVISION, uid, namespace),
+            "annotations": ann,
+        },
+        "spec": {
+            "pipelineRef": {"name": c.DEPROVISION_PIPELINE},
+            "params": [{"name": k, "value": v} for k, v in zip(
+                c.DEPROVISION_PARAMS, (name, namespace, uid))],
+            "taskRunTemplate": {"serviceAccountName": sa},
+        },
+    }
+
+
+def sweep_run_name(bucket: int) -> str:
+    """One sweep per interval bucket: restarts and extra replicas never double it."""
+    return f"{c.SWEEP_TASK}-{bucket}"
+
+
+def sweep_run(controller_ns: str, sa: str, bucket: int) -> dict:
+    return {
+        "apiVersion": "tekton.dev/v1", "kind": "TaskRun",
+        "metadata": {
+            "name": sweep_run_name(bucket), "namespace": controller_ns,
+            "labels": {c.LABEL_MANAGED: c.MANAGED_VALUE, c.LABEL_ROLE: ROLE_SWEEP},
+        },
+        "spec": {"taskRef": {"name": c.SWEEP_TASK}, "serviceAccountName": sa},
+    }
+
+
+def event(namespace: str, name: str, uid: str, reason: str, message: str, warning: bool,
+          instance: str) -> dict:
+    """A core/v1 Event on the build TaskRun.
+
+    The name is derived from the TaskRun uid and the reason, so a restarted
+    watcher repeating a decision hits AlreadyExists instead of a duplicate.
+    """
+    digest = hashlib.sha256(f"{uid}\0{reason}".encode()).hexdigest()[:16]
+    ts = now_rfc3339()
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": f"{name[:200].rstrip('-.')}.{digest}", "namespace": namespace,
+                     "labels": {c.LABEL_MANAGED: c.MANAGED_VALUE}},
+        "involvedObject": {"apiVersion": "tekton.dev/v1", "kind": "TaskRun",
+                           "namespace": namespace, "name": name, "uid": uid},
+        "reason": reason, "message": message[:1000],
+        "type": "Warning" if warning else "Normal",
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT, "reportingInstance": instance[:128],
+        "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
+    }
+
+
+def finalizer_add_patch(tr: dict) -> list[dict]:
+    md = tr["metadata"]
+    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": md["resourceVersion"]}]
+    if md.get("finalizers"):
+        ops.append({"op": "add", "path": "/metadata/finalizers/-", "value": c.FINALIZER})
+    else:
+        ops.append({"op": "add", "path": "/metadata/finalizers", "value": [c.FINALIZER]})
+    return ops
+
+
+def finalizer_remove_patch(tr: dict) -> list[dict]:
+    md = tr["metadata"]
+    i = md["finalizers"].index(c.FINALIZER)
+    return [{"op": "test", "path": "/metadata/resourceVersion", "value": md["resourceVersion"]},
+            {"op": "test", "path": f"/metadata/finalizers/{i}", "value": c.FINALIZER},
+            {"op": "remove", "path": f"/metadata/finalizers/{i}"}]
