@@ -165,7 +165,7 @@ def cmd_run(args) -> int:
         with LocalRegistry() as reg:
             print(f"== embedded registry on {reg.address} (stopped when done)")
             return _run_push(args, spec, info, f"{reg.address}/mpc", t0, local=True)
-    except (BundleError, FileNotFoundError, RuntimeError) as e:
+    except (BundleError, OSError, RuntimeError, ValueError) as e:
         return _err(e)
 
 

@@ -172,3 +172,14 @@ def test_unlisted_task_refused(small_catalog, registry, prefix):
 def test_missing_declared_object_refused(small_catalog, registry, prefix):
     (small_catalog.tasks / "world/0.1/world.yaml").unlink()
     _refused(small_catalog, registry, prefix, "Task/world is declared")
+
+
+def test_missing_tkn_is_a_clear_error(small_catalog, registry, prefix, tmp_path):
+    import os
+    env = dict(os.environ, MPC_CACHE=str(tmp_path / "empty-cache"), PATH="/usr/bin:/bin")
+    before = oci.catalog(registry.address)
+    r = mpc("bundles", "push", *small_catalog.args(), "--registry", prefix, "--version", "0.1",
+            cwd=small_catalog.root, env=env)
+    assert r.rc == 1
+    assert "tkn not found" in r.err and "make upstream" in r.err
+    assert oci.catalog(registry.address) == before
