@@ -82,3 +82,23 @@ def slot_name(host: str, index: int) -> str:
 def waiter_name(taskrun_uid: str) -> str:
     """The Lease that queues a build for a full platform (FIFO by creation time)."""
     return f"mpc-wait-{taskrun_uid}"
+
+
+# --- validating references that arrive as params --------------------------------
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_UID = re.compile(r"^[0-9a-fA-F][0-9a-fA-F-]{7,63}$")
+
+
+def taskrun_ref_problem(namespace: str, name: str, uid: str) -> str | None:
+    """Why (namespace, name, uid) cannot name a real TaskRun, or None if it can.
+
+    Checked before any value is put into an API path or a label selector.
+    """
+    if not (len(namespace) <= 63 and _DNS_LABEL.match(namespace)):
+        return f"invalid namespace {namespace!r}"
+    if not (len(name) <= 253 and _DNS_SUBDOMAIN.match(name)):
+        return f"invalid TaskRun name {name!r}"
+    if not _UID.match(uid):
+        return f"invalid TaskRun uid {uid!r}"
+    return None

@@ -89,6 +89,12 @@ def deprovision(kube: Kube, controller_namespace: str, namespace: str, name: str
                 pool_configmap: str = contract.HOST_POOL_CONFIGMAP,
                 provisioning_grace: float = 120) -> Report:
     report = Report()
+    problem = contract.taskrun_ref_problem(namespace, name, uid)
+    if problem:
+        report.errors.append(problem)
+        log.event("not a TaskRun reference; nothing deprovisioned", level="warning",
+                  problem=problem)
+        return report
     wait_for_provisioning(kube, controller_namespace, uid, provisioning_grace)
     slots = Slots(kube, controller_namespace)
     slots.dequeue(uid)
@@ -105,7 +111,9 @@ def deprovision(kube: Kube, controller_namespace: str, namespace: str, name: str
 
 
 def _taskrun_alive(kube: Kube, namespace: str, name: str, uid: str) -> bool:
-    tr = kube.taskrun(namespace, name) if namespace and name else None
+    if contract.taskrun_ref_problem(namespace, name, uid):
+        return False
+    tr = kube.taskrun(namespace, name)
     return bool(tr) and tr["metadata"].get("uid") == uid
 
 

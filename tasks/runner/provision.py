@@ -54,6 +54,11 @@ def _ids(taskrun: dict) -> dict:
 
 def live_taskrun(kube: Kube, req: Request) -> dict | None:
     """The build TaskRun if it still exists, is the same object, and is not being deleted."""
+    problem = contract.taskrun_ref_problem(req.taskrun_namespace, req.taskrun_name,
+                                           req.taskrun_uid)
+    if problem:
+        log.event("not a TaskRun reference; ignored", level="warning", problem=problem)
+        return None
     tr = kube.taskrun(req.taskrun_namespace, req.taskrun_name)
     if not tr or tr["metadata"].get("uid") != req.taskrun_uid:
         return None

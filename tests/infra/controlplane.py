@@ -54,7 +54,7 @@ class Cluster:
     workdir: Path
 
     def api_client(self, kubeconfig: Path | None = None) -> client.ApiClient:
-        return config.new_client_from_config(str(kubeconfig or self.kubeconfig))
+        return config.new_client_from_config(str(kubeconfig or self.kubeconfig), persist_config=False)
 
     def serviceaccount_kubeconfig(self, namespace: str, name: str,
                                   expiration: int = 3600) -> Path:
