@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from mpc.runner import contract as c
 
 COMPONENT = "mpc-glue"
-DEFAULT_NAMESPACE = "mpc-system"
+DEFAULT_NAMESPACE = "mpc"  # the namespace the generated Tasks RBAC (tasks/rbac) uses
 # On a provisioning PipelineRun: when the watcher asked Tekton to cancel it
 # (RFC 3339). Bounds how long deprovisioning waits for the cancellation.
 ANN_CANCEL_REQUESTED = f"{c.DOMAIN}/cancel-requested-at"
