@@ -1,0 +1,369 @@
+"""Turn a buildah Task into buildah-remote: the same build, on a host mpc assigns.
+
+The input Task is read with ruamel.yaml's round-trip loader, so comments and
+key order survive; only what the transformation needs is touched:
+
+* ``metadata.name``: ``buildah`` becomes ``buildah-remote`` (``buildah-oci-ta``
+  → ``buildah-remote-oci-ta``); a name without ``buildah`` gets ``-remote``.
+* params ``PLATFORM`` (required: no default) and ``IMAGE_APPEND_PLATFORM``
+  (default ``"false"``), and the same two in ``stepTemplate.env``.
+* volume ``mpc-ssh``: secret ``multi-platform-ssh-$(context.taskRun.name)``,
+  ``optional: false`` (the pod waits until the provisioner wrote it), mounted
+  read-only at ``/ssh`` into the build step only.
+* the build step's script becomes a wrapper (templates/buildah-remote-wrapper.sh)
+  that embeds the original script unchanged; the step's image, env, args,
+  workingDir, securityContext and mounts stay as they were, plus the env
+  ``MPC_BUILDER_IMAGE`` holding the step image (Tekton resolves params in it).
+* other steps keep running in the pod; those whose shell script uses the
+  image variable get the IMAGE_APPEND_PLATFORM snippet after their ``#!`` line.
+
+What the wrapper needs in the pod: bash, ssh, rsync (and buildah, to load the
+image); on the host: rsync and podman, rootless or granted through ``sudo -n
+podman``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import shlex
+from dataclasses import dataclass, field
+from importlib import resources
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString, LiteralScalarString
+
+from mpc.runner import contract
+
+from . import taskcheck
+
+SSH_VOLUME = "mpc-ssh"
+SSH_MOUNT = "/ssh"
+APPEND_PARAM = "IMAGE_APPEND_PLATFORM"
+BUILDER_IMAGE_ENV = "MPC_BUILDER_IMAGE"
+# rsync for the workspace copies: whole files (the host side starts empty),
+# no compression (builds mostly move already-compressed or local-network data)
+RSYNC_OPTS = ("-rlpt", "--whole-file", "--timeout=300")
+CONTAINER_STORAGE = "/var/lib/containers"
+# volume sources that are read-only by nature: copied to the host, never back
+READONLY_SOURCES = ("secret", "configMap", "projected", "downwardAPI")
+SHELL_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TEKTON_DEFAULT_SHEBANG = "#!/bin/sh\nset -e\n"   # what Tekton prepends to a script without #!
+
+
+class GeneratorError(Exception):
+    """The input cannot be turned into a remote Task; the message says why."""
+
+
+@dataclass
+class Options:
+    build_step: str = "build"
+    image_var: str = "IMAGE"
+    name: str | None = None
+    strict: bool = False           # input's own rule violations are errors, not warnings
+
+
+@dataclass
+class Result:
+    text: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _yaml() -> YAML:
+    y = YAML()                      # round-trip: comments, key order, quotes
+    y.preserve_quotes = True
+    y.width = 4096                  # never re-wrap long lines
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+
+def _template(name: str) -> str:
+    return resources.files(__package__).joinpath("templates", name).read_text()
+
+
+def remote_name(name: str) -> str:
+    if "buildah-remote" in name:
+        raise GeneratorError(f"task {name!r} already looks like a remote task")
+    if "buildah" in name:
+        return name.replace("buildah", "buildah-remote", 1)
+    return name + "-remote"
+
+
+def _env_names(env) -> list[str]:
+    return [e["name"] for e in env or [] if "name" in e]
+
+
+def _mount_kind(volumes: dict, name: str) -> str:
+    v = volumes.get(name)
+    if v is None:
+        return "unknown"
+    for k in v:
+        if k != "name":
+            return k
+    return "unknown"
+
+
+def _shell_words(*words: str) -> str:
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _heredoc_mark(script: str) -> str:
+    lines = set(script.splitlines())
+    mark = "MPC_ORIGINAL_SCRIPT_" + hashlib.sha256(script.encode()).hexdigest()[:8].upper()
+    while mark in lines:
+        mark += "_"
+    return mark
+
+
+def append_platform_snippet(image_var: str) -> str:
+    return _template("append-platform.sh").replace("@IMAGE_VAR@", image_var)
+
+
+def _insert_after_shebang(script: str, snippet: str) -> str:
+    if script.startswith("#!"):
+        first, _, rest = script.partition("\n")
+        return f"{first}\n{snippet}{rest}"
+    return snippet + script
+
+
+def _uses_var(script: str, var: str) -> bool:
+    return re.search(r"\$\{?" + re.escape(var) + r"\b", script) is not None
+
+
+def wrapper_script(*, original: str, image_var: str | None, dirs: list[tuple[str, str, str, str]],
+                   forward_env: list[str], podman_opts: list[str], append_platform: bool) -> str:
+    """The build step's new script. ``dirs``: (pod path or "$VAR", host name, rw|ro, yes|no)."""
+    if not original.startswith("#!"):
+        original = TEKTON_DEFAULT_SHEBANG + original
+    original = original.rstrip("\n")
+    dir_lines = []
+    for path, host_name, mode, back in dirs:
+        pod = f'"${{{path[1:]}}}"' if path.startswith("$") else shlex.quote(path)
+        line = f"dirs+=({pod} {_shell_words(host_name, mode, back)})"
+        if path.startswith("$"):       # a workspace: skip it when it is not bound
+            line = f'if [ -n {pod} ] && [ -d {pod} ]; then {line}; fi'
+        dir_lines.append(line)
+    env_lines = [f'if [ -n "${{{n}+set}}" ]; then run_opts+=(-e "{n}=${n}"); fi' for n in forward_env]
+    opt_lines = [f"run_opts+=({_shell_words(*podman_opts)})"] if podman_opts else []
+    text = _template("buildah-remote-wrapper.sh")
+    subs = {
+        "@SSH_DIR@": SSH_MOUNT,
+        "@RSYNC_OPTS@": _shell_words(*RSYNC_OPTS),
+        "@APPEND_PLATFORM@\n": append_platform_snippet(image_var) if append_platform and image_var else "",
+        "@DIRS@": "\n".join(dir_lines) or ":",
+        "@FORWARD_ENV@": "\n".join(env_lines) or ":",
+        "@PODMAN_OPTS@\n": "".join(x + "\n" for x in opt_lines),
+        "@RUNNER@": _template("buildah-remote-runner.sh").rstrip("\n"),
+        "@HOST_SCRIPT@": _template("buildah-remote-host.sh").rstrip("\n"),
+        "@EOF_MARK@": _heredoc_mark(original),
+    }
+    if image_var:
+        subs["@IMAGE_VAR@"] = image_var
+    else:   # no image to bring back: drop the lines that load it
+        text = "\n".join(ln for ln in text.splitlines() if "@IMAGE_VAR@" not in ln) + "\n"
+        text = re.sub(r'if \[ -f "\$work/out/image.tar" \]; then\n.*?\nfi\n', "", text,
+                      flags=re.S)
+    for k, v in subs.items():
+        text = text.replace(k, v)
+    # last: the original script must not be scanned for placeholders
+    return text.replace("@ORIGINAL_SCRIPT@", original)
+
+
+def _podman_opts(step: dict) -> list[str]:
+    """The build step's securityContext, as podman run options on the host."""
+    sc = step.get("securityContext") or {}
+    opts = []
+    if sc.get("privileged"):
+        opts.append("--privileged")
+    caps = sc.get("capabilities") or {}
+    for c in caps.get("add") or []:
+        opts += ["--cap-add", str(c)]
+    for c in caps.get("drop") or []:
+        opts += ["--cap-drop", str(c)]
+    return opts
+
+
+def transform(task: CommentedMap, opts: Options) -> list[str]:
+    """Change ``task`` in place into its remote variant; returns warnings."""
+    warnings: list[str] = []
+    if not isinstance(task, dict):
+        raise GeneratorError("the input is not a YAML mapping")
+    if task.get("kind") != "Task":
+        raise GeneratorError(f"the input is a {task.get('kind')!r}, not a Task")
+    if task.get("apiVersion") not in taskcheck.API_VERSIONS:
+        raise GeneratorError(f"apiVersion {task.get('apiVersion')!r} is not supported "
+                             f"(use one of {', '.join(taskcheck.API_VERSIONS)})")
+    meta = task.get("metadata")
+    if not meta or not meta.get("name"):
+        raise GeneratorError("the Task has no metadata.name")
+    spec = task.get("spec")
+    if not isinstance(spec, dict):
+        raise GeneratorError("the Task has no spec")
+    steps = spec.get("steps") or []
+    build = next((s for s in steps if s.get("name") == opts.build_step), None)
+    if build is None:
+        names = ", ".join(str(s.get("name")) for s in steps) or "none"
+        raise GeneratorError(f"no build step: the Task has no step named {opts.build_step!r} "
+                             f"(its steps: {names}); name it with --build-step")
+    if build.get("script") is None:
+        raise GeneratorError(f"build step {opts.build_step!r} has no script (it runs "
+                             f"command/args); only a script can be run on the remote host")
+    if build.get("envFrom") or (spec.get("stepTemplate") or {}).get("envFrom"):
+        raise GeneratorError(f"build step {opts.build_step!r} uses envFrom: the variables it "
+                             "brings cannot be known when generating; list them under env")
+    if build.get("volumeDevices"):
+        raise GeneratorError(f"build step {opts.build_step!r} uses volumeDevices, which "
+                             "cannot be copied to a remote host")
+
+    meta["name"] = opts.name or remote_name(str(meta["name"]))
+
+    # --- params -----------------------------------------------------------------
+    params = spec.get("params")
+    if params is None:
+        params = spec["params"] = CommentedSeq()
+    declared = {p.get("name") for p in params}
+    if contract.PLATFORM_PARAM in declared:
+        warnings.append(f"the input already declares {contract.PLATFORM_PARAM}; it is kept as is")
+    else:
+        params.append(CommentedMap([
+            ("name", contract.PLATFORM_PARAM),
+            ("type", "string"),
+            ("description", "The platform to build on (e.g. linux/arm64); mpc provisions a host "
+                            "of this platform for the build step."),
+        ]))
+    template = spec.get("stepTemplate")
+    if template is None:
+        template = spec["stepTemplate"] = CommentedMap()
+    tenv_names = _env_names(template.get("env"))
+    benv_names = _env_names(build.get("env"))
+    image_var = opts.image_var if opts.image_var in tenv_names + benv_names else None
+    if image_var is None:
+        warnings.append(f"no env {opts.image_var} in the build step: the built image is not "
+                        "brought back and no IMAGE_APPEND_PLATFORM param is added "
+                        "(--image-var names the variable)")
+    elif APPEND_PARAM not in declared:
+        params.append(CommentedMap([
+            ("name", APPEND_PARAM),
+            ("type", "string"),
+            ("default", DoubleQuotedScalarString("false")),
+            ("description", f"Set to true to append the platform to the tag of {image_var} "
+                            "(repo:tag becomes repo:tag-linux-arm64)."),
+        ]))
+    tenv = template.get("env")
+    if tenv is None:
+        tenv = template["env"] = CommentedSeq()
+    added_env = [contract.PLATFORM_PARAM] + ([APPEND_PARAM] if image_var else [])
+    for n in added_env:
+        if n not in tenv_names:
+            tenv.append(CommentedMap([("name", n), ("value", f"$(params.{n})")]))
+
+    # --- the secret volume --------------------------------------------------------
+    volumes = spec.get("volumes")
+    if volumes is None:
+        volumes = spec["volumes"] = CommentedSeq()
+    vols = {v.get("name"): v for v in volumes}
+    if SSH_VOLUME in vols:
+        raise GeneratorError(f"the input already has a volume named {SSH_VOLUME}")
+    volumes.append(CommentedMap([
+        ("name", SSH_VOLUME),
+        ("secret", CommentedMap([
+            ("secretName", contract.SECRET_PREFIX + "$(context.taskRun.name)"),
+            ("optional", False),
+        ])),
+    ]))
+
+    # --- what the build sees, copied to the host ---------------------------------
+    dirs: list[tuple[str, str, str, str]] = []
+    build_env = build.get("env")
+    if build_env is None:
+        build_env = build["env"] = CommentedSeq()
+    ws_env: list[tuple[str, str]] = []
+    for i, ws in enumerate(spec.get("workspaces") or []):
+        var = f"MPC_WORKSPACE_{i}"
+        ws_env.append((var, f"$(workspaces.{ws['name']}.path)"))
+        ro = bool(ws.get("readOnly"))
+        dirs.append(("$" + var, f"workspaces/{ws['name']}", "ro" if ro else "rw", "no" if ro else "yes"))
+    mounts = list(template.get("volumeMounts") or []) + list(build.get("volumeMounts") or [])
+    paths = {str(m.get("mountPath")) for m in mounts}
+    if SSH_MOUNT in paths:
+        raise GeneratorError(f"the build step already mounts something at {SSH_MOUNT}")
+    for i, m in enumerate(mounts):
+        mp = str(m.get("mountPath"))
+        if mp == CONTAINER_STORAGE or mp.startswith(CONTAINER_STORAGE + "/"):
+            continue   # container storage: the host container gets its own, empty
+        kind = _mount_kind(vols, m.get("name"))
+        ro = bool(m.get("readOnly")) or kind in READONLY_SOURCES
+        dirs.append((mp, f"volumes/{i}-{m.get('name')}", "ro" if m.get("readOnly") else "rw",
+                     "no" if ro else "yes"))
+
+    forward = []
+    for n in dict.fromkeys(tenv_names + benv_names):
+        if not SHELL_ID.match(n):
+            raise GeneratorError(f"env {n!r} of the build step is not a shell variable name; "
+                                 "it cannot be passed to the remote build")
+        forward.append(n)
+
+    original = str(build["script"])
+    wrapper = wrapper_script(original=original, image_var=image_var, dirs=dirs,
+                             forward_env=forward, podman_opts=_podman_opts(build),
+                             append_platform=image_var is not None)
+    if any(line != line.rstrip() for line in wrapper.splitlines()):
+        # YAML block scalars keep them, but they make diffs unreadable
+        warnings.append("the wrapper has lines ending in blanks (from the original script)")
+    build["script"] = LiteralScalarString(wrapper)
+    for var, value in [(BUILDER_IMAGE_ENV, build.get("image") or template.get("image")), *ws_env]:
+        if value is None:
+            raise GeneratorError(f"build step {opts.build_step!r} has no image")
+        build_env.append(CommentedMap([("name", var), ("value", value)]))
+    bmounts = build.get("volumeMounts")
+    if bmounts is None:
+        bmounts = build["volumeMounts"] = CommentedSeq()
+    bmounts.append(CommentedMap([("name", SSH_VOLUME), ("mountPath", SSH_MOUNT), ("readOnly", True)]))
+
+    # --- the other steps: same as before, tagged per platform if asked ------------
+    if image_var:
+        snippet = append_platform_snippet(image_var)
+        for s in steps:
+            sc = s.get("script")
+            if s is build or sc is None or not _uses_var(str(sc), image_var):
+                continue
+            if str(sc).startswith("#!") and not taskcheck.SHELLS.match(str(sc)):
+                warnings.append(f"step {s.get('name')}: not a shell script; "
+                                f"{APPEND_PARAM} does not apply to it")
+                continue
+            s["script"] = LiteralScalarString(_insert_after_shebang(str(sc), snippet))
+    return warnings
+
+
+def generate(text: str, opts: Options | None = None) -> Result:
+    """The remote Task as YAML text, or GeneratorError naming what is wrong."""
+    opts = opts or Options()
+    y = _yaml()
+    try:
+        docs = [d for d in y.load_all(text) if d is not None]
+    except Exception as e:  # ruamel raises many kinds
+        raise GeneratorError(f"the input is not valid YAML: {e}") from None
+    if len(docs) != 1:
+        raise GeneratorError(f"the input must hold exactly one Task, it holds {len(docs)} documents")
+    task = docs[0]
+    # Rule violations the input brings along are reported, not blamed on the generator.
+    before = set(taskcheck.check_task(task)) if isinstance(task, dict) else set()
+    original = next((s.get("script") for s in ((task.get("spec") or {}).get("steps") or [])
+                     if s.get("name") == opts.build_step), None) if isinstance(task, dict) else None
+    inherited = taskcheck.shellcheck(str(original), f"step {opts.build_step} (original script)") \
+        if original is not None else []
+    warnings = transform(task, opts)
+    out = io.StringIO()
+    y.dump(task, out)
+    text_out = out.getvalue()
+    after = taskcheck.check_task(_yaml().load(text_out))
+    after += taskcheck.shellcheck(_template("buildah-remote-host.sh"), "host script")
+    after += taskcheck.shellcheck(_template("buildah-remote-runner.sh"), "runner script")
+    new = [e for e in after if e not in before]
+    old = [e for e in after if e in before] + inherited
+    if new or (opts.strict and old):
+        raise GeneratorError("the generated Task breaks these rules:\n  "
+                             + "\n  ".join(new + (old if opts.strict else [])))
+    warnings += [f"the input already breaks a rule: {e}" for e in old]
+    return Result(text_out, warnings)

@@ -1,0 +1,129 @@
+#!/bin/bash
+# mpc buildah-remote: the build step's wrapper (generated; do not edit, regenerate).
+# It runs the original build script (embedded below, unchanged) on the build
+# host that mpc assigned to this TaskRun, or in this pod when the host is
+# "localhost", then brings back what later steps need: the workspaces, the
+# writable volumes, /tekton/results and the built image.
+set -euo pipefail
+
+ssh_dir=@SSH_DIR@
+if [ -f "$ssh_dir/error" ]; then
+  echo "mpc: no build host was provisioned for platform ${PLATFORM:-?}:" >&2
+  cat "$ssh_dir/error" >&2
+  echo >&2
+  exit 1
+fi
+
+@APPEND_PLATFORM@
+work="$(mktemp -d)"
+cat > "$work/build" <<'@EOF_MARK@'
+@ORIGINAL_SCRIPT@
+@EOF_MARK@
+chmod 0755 "$work/build"
+
+ssh_host="$(cat "$ssh_dir/host")"
+if [ "$ssh_host" = localhost ]; then
+  echo "mpc: host is localhost: building in this pod" >&2
+  "$work/build" "$@"
+  rm -rf "$work"
+  exit 0
+fi
+
+user_dir="$(cat "$ssh_dir/user-dir")"
+remote="$user_dir/mpc-build"
+install -m 0600 "$ssh_dir/id_rsa" "$work/id"
+ssh_opts=(-F /dev/null -i "$work/id" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR
+  -o ConnectTimeout=30 -o ServerAliveInterval=60 -o ServerAliveCountMax=10
+  -o ControlMaster=auto -o "ControlPath=$work/cm" -o ControlPersist=120)
+if [ -s "$ssh_dir/known_hosts" ]; then
+  ssh_opts+=(-o StrictHostKeyChecking=yes -o "UserKnownHostsFile=$ssh_dir/known_hosts")
+else
+  echo "mpc: warning: the secret has no known_hosts; the host key is not verified" >&2
+  ssh_opts+=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null)
+fi
+cleanup() {
+  ssh "${ssh_opts[@]}" -O exit "$ssh_host" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+rsh="ssh ${ssh_opts[*]}"
+rsync_opts=(@RSYNC_OPTS@)
+# Remote paths are passed with --protect-args: the remote shell never splits them.
+to_host() { rsync "${rsync_opts[@]}" -s -e "$rsh" "$1/" "$ssh_host:$2/"; }
+from_host() { rsync "${rsync_opts[@]}" -s -e "$rsh" "$ssh_host:$1/" "$2/"; }
+q() { printf '%q' "$1"; }
+
+# The directories the build sees, each: <pod path> <name on the host> <rw|ro> <copy back: yes|no>
+dirs=()
+@DIRS@
+if [ -d /tekton/results ]; then dirs+=(/tekton/results results rw yes); fi
+if [ -d "${HOME:-/nonexistent}/.docker" ]; then dirs+=("$HOME/.docker" docker ro no); fi
+
+mkdirs=("$remote/scripts" "$remote/out")
+i=0
+while [ "$i" -lt "${#dirs[@]}" ]; do
+  mkdirs+=("$remote/${dirs[i+1]}")
+  i=$((i + 4))
+done
+# shellcheck disable=SC2029 # expanded here on purpose, each word quoted for the remote shell
+ssh "${ssh_opts[@]}" "$ssh_host" "rm -rf $(q "$remote") && mkdir -p$(printf ' %q' "${mkdirs[@]}")"
+
+mkdir -p "$work/scripts"
+cp "$work/build" "$work/scripts/build"
+cat > "$work/scripts/run" <<'MPC_RUNNER_EOF'
+@RUNNER@
+MPC_RUNNER_EOF
+cat > "$work/scripts/host.sh" <<'MPC_HOST_EOF'
+@HOST_SCRIPT@
+MPC_HOST_EOF
+chmod 0755 "$work/scripts/run" "$work/scripts/build"
+
+# The builder container: same image, user, working directory, env, mount paths and args.
+run_opts=(--user "$(id -u):$(id -g)" --workdir "$PWD"
+  -v "$remote/scripts:/mpc/scripts:ro,Z" -v "$remote/out:/mpc/out:Z" -v /var/lib/containers)
+@PODMAN_OPTS@
+if [ -n "${HOME:-}" ]; then run_opts+=(-e "HOME=$HOME"); fi
+@FORWARD_ENV@
+if [ -n "${@IMAGE_VAR@:-}" ]; then run_opts+=(-e "MPC_EXPORT_IMAGE=$@IMAGE_VAR@"); fi
+i=0
+while [ "$i" -lt "${#dirs[@]}" ]; do
+  opt="${dirs[i+2]},Z"
+  run_opts+=(-v "$remote/${dirs[i+1]}:${dirs[i]}:${opt/rw,/}")
+  i=$((i + 4))
+done
+{
+  printf 'BUILD_DIR=%q\n' "$remote"
+  printf 'BUILDER_IMAGE=%q\n' "$MPC_BUILDER_IMAGE"
+  printf 'RUN_OPTS=('; printf ' %q' "${run_opts[@]}"; printf ' )\n'
+  printf 'ARGS=('; printf ' %q' "$@"; printf ' )\n'
+} > "$work/scripts/params.sh"
+
+echo "mpc: copying the build's inputs to $ssh_host" >&2
+to_host "$work/scripts" "$remote/scripts"
+i=0
+while [ "$i" -lt "${#dirs[@]}" ]; do
+  to_host "${dirs[i]}" "$remote/${dirs[i+1]}"
+  i=$((i + 4))
+done
+
+echo "mpc: building on $ssh_host in $MPC_BUILDER_IMAGE" >&2
+# shellcheck disable=SC2029 # one quoted word for the remote shell
+ssh "${ssh_opts[@]}" "$ssh_host" "bash $(q "$remote/scripts/host.sh")" </dev/null
+
+echo "mpc: copying the results back from $ssh_host" >&2
+i=0
+while [ "$i" -lt "${#dirs[@]}" ]; do
+  if [ "${dirs[i+3]}" = yes ]; then from_host "$remote/${dirs[i+1]}" "${dirs[i]}"; fi
+  i=$((i + 4))
+done
+mkdir -p "$work/out"
+from_host "$remote/out" "$work/out"
+if [ -f "$work/out/image.tar" ]; then
+  storage=()
+  if [ -n "${STORAGE_DRIVER:-}" ]; then storage=(--storage-driver "$STORAGE_DRIVER"); fi
+  id="$(buildah "${storage[@]}" pull -q "oci-archive:$work/out/image.tar")"
+  buildah "${storage[@]}" tag "$id" "$@IMAGE_VAR@"
+  echo "mpc: loaded $@IMAGE_VAR@ ($id) built on $ssh_host" >&2
+fi
+# shellcheck disable=SC2029
+ssh "${ssh_opts[@]}" "$ssh_host" "rm -rf $(q "$remote")" || true
