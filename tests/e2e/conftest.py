@@ -1,0 +1,96 @@
+"""Fixtures of the e2e tier: a real one-node Kubernetes with real Tekton (``node.py``).
+
+``e2e_node`` (session): the node, up for the whole session. It uses the
+instance ``test`` under ``$MPC_CACHE/e2e/test`` (kept between sessions, so a
+second session starts warm) unless another session holds it; then a
+throw-away instance ``t<pid>`` that is wiped afterwards. With
+``MPC_E2E_ATTACH=NAME`` it uses a node started by ``make e2e-up`` (NAME
+``dev``) and leaves it running.
+
+Teardown proves the node left nothing behind (process, mount, cgroup,
+namespace) and did not change this machine's network or global sysctls.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+import uuid
+
+import pytest
+from kubernetes import client
+
+from . import hostcheck
+from .node import Node, other_instances_live, state_root
+
+
+def _claim() -> tuple[Node, object | None, bool]:
+    """(node, lock file kept open for the session, ephemeral?)"""
+    root = state_root()
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / "test.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        node = Node("test")
+        if not node.running():
+            return node, f, False
+    except BlockingIOError:
+        pass
+    f.close()
+    return Node(f"t{os.getpid()}"), None, True
+
+
+@pytest.fixture(scope="session")
+def e2e_node():
+    attach = os.environ.get("MPC_E2E_ATTACH")
+    if attach:
+        node = Node(attach)
+        assert node.running(), f"MPC_E2E_ATTACH={attach}: no such node is up (make e2e-up)"
+        yield node
+        return
+    node, lock, ephemeral = _claim()
+    before = hostcheck.HostState.capture(kubelet_sysctls=not other_instances_live(node.name))
+    try:
+        try:
+            node.up()
+        except Exception:
+            if ephemeral or not (node.dir / "etcd").exists():
+                raise
+            node.down(wipe=True)     # a broken warm state must not fail the suite: go cold
+            node.up()
+        print(f"\ne2e node {node.name} up: {node.timings}")
+        yield node
+    finally:
+        secs = node.down(wipe=ephemeral)
+        print(f"\ne2e node {node.name} down in {secs:.2f} s")
+        if lock is not None:
+            lock.close()
+    left = node.leftovers()
+    after = hostcheck.HostState.capture(kubelet_sysctls=not other_instances_live(node.name))
+    changes = before.diff(after)
+    assert not left, "e2e node left behind:\n" + "\n".join(left)
+    assert not changes, "e2e node changed this machine:\n" + changes
+
+
+@pytest.fixture(scope="session")
+def e2e_kube(e2e_node) -> client.ApiClient:
+    return e2e_node.api_client()
+
+
+@pytest.fixture
+def e2e_namespace(e2e_kube) -> str:
+    """A fresh namespace on the e2e node whose ``default`` ServiceAccount exists."""
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(e2e_kube)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            core.read_namespaced_service_account("default", name)
+            break
+        except client.ApiException as e:
+            if e.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    yield name
+    core.delete_namespace(name)
