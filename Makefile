@@ -90,3 +90,23 @@ pin-bundles: venv ## release manifests pinned to the digests in BUNDLES_LOCK, in
 	  $(if $(PIN_IN_PLACE),--in-place,--out $(PIN_OUT)) $(wildcard $(PIN_PATHS))
 	$(MPC) bundles check-pinned --lock $(BUNDLES_LOCK) \
 	  $(if $(PIN_IN_PLACE),$(wildcard $(PIN_PATHS)),$(PIN_OUT))
+
+.PHONY: generate-buildah-remote
+generate-buildah-remote: venv ## regenerate tasks/buildah-remote from tasks/buildah
+	$(VENV)/bin/mpc buildah-remote --from tasks/buildah/0.1/buildah.yaml \
+	  --out tasks/buildah-remote/0.1/buildah-remote.yaml
+
+# --- e2e: a real one-node Kubernetes + Tekton in its own namespaces (tests/e2e) ---
+E2E_NAME ?= dev
+
+.PHONY: e2e-up
+e2e-up: deps venv upstream ## start the e2e node + Tekton (state in $(MPC_CACHE)/e2e/$(E2E_NAME); warm if kept)
+	MPC_E2E_NAME=$(E2E_NAME) $(PY) -m tests.e2e.node up
+
+.PHONY: e2e-down
+e2e-down: ## stop the e2e node, check nothing is left behind; WIPE=1 also deletes its state
+	MPC_E2E_NAME=$(E2E_NAME) $(PY) -m tests.e2e.node down $(if $(WIPE),--wipe)
+
+.PHONY: e2e
+e2e: deps venv upstream ## run only the e2e tier (its own node; MPC_E2E_ATTACH=dev to use e2e-up's)
+	$(PY) -m pytest -m e2e tests/e2e $(PYTEST_ARGS)
