@@ -326,11 +326,14 @@ def transform(task: CommentedMap, opts: Options) -> list[str]:
         snippet = append_platform_snippet(image_var)
         for s in steps:
             sc = s.get("script")
-            if s is build or sc is None or not _uses_var(str(sc), image_var):
+            if s is build or sc is None:
                 continue
             if str(sc).startswith("#!") and not taskcheck.SHELLS.match(str(sc)):
-                warnings.append(f"step {s.get('name')}: not a shell script; "
-                                f"{APPEND_PARAM} does not apply to it")
+                if re.search(r"\b" + re.escape(image_var) + r"\b", str(sc)):
+                    warnings.append(f"step {s.get('name')}: not a shell script; "
+                                    f"{APPEND_PARAM} does not apply to it")
+                continue
+            if not _uses_var(str(sc), image_var):
                 continue
             s["script"] = LiteralScalarString(_insert_after_shebang(str(sc), snippet))
     return warnings

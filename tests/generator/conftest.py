@@ -1,0 +1,75 @@
+"""Fixtures for the generator tests: a real build host with a build user and a step image."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.infra.sshhosts import SSHHost, keypair
+
+STEP_IMAGE = "localhost/mpc-test-buildah:1"
+BUILD_USER = "u-0123456789abcdef01234567"
+
+# The test hosts cannot pull from the internet, so the step image is made on
+# the host from its own rootfs (Debian with bash, buildah, coreutils), which
+# is what the pod side runs too.
+IMPORT_STEP_IMAGE = f"""
+set -e
+tar -C / --exclude=./proc --exclude=./sys --exclude=./dev --exclude='./run/*' --exclude='./tmp/*' \
+  --exclude=./home --exclude=./var/lib/containers --exclude='./var/tmp/*' -cf - . 2>/dev/null \
+  | podman import --change 'CMD ["/bin/bash"]' - {STEP_IMAGE} >/dev/null
+"""
+
+
+@dataclass
+class BuildHost:
+    host: SSHHost
+    user: str
+    key: Path
+
+    def secret(self, d: Path, known_hosts: bool = True) -> Path:
+        """A directory with the keys of multi-platform-ssh-<taskrun>, as the pod mounts it."""
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "id_rsa").write_bytes(self.key.read_bytes())
+        (d / "host").write_text(f"{self.user}@{self.host.address}")
+        (d / "user-dir").write_text(f"/home/{self.user}")
+        if known_hosts:
+            (d / "known_hosts").write_text(self.host.known_hosts_line + "\n")
+        return d
+
+
+def add_build_user(h: SSHHost, user: str, key_dir: Path) -> Path:
+    """A build user as the provisioner makes one, with `sudo podman` granted.
+
+    Rootless podman cannot work on these test hosts: their sshd is started with
+    chroot(2), and the kernel refuses CLONE_NEWUSER to any process whose root
+    is not its mount namespace's root ("cannot clone: Operation not
+    permitted"), root included. The host script then uses the sudo rule.
+    """
+    priv, pub = keypair()
+    key = key_dir / f"{user}.key"
+    key.write_bytes(priv)
+    key.chmod(0o600)
+    h.ssh(f"""set -e
+sudo useradd -m -s /bin/bash {user}
+sudo install -d -m 700 -o {user} -g {user} /home/{user}/.ssh
+sudo install -m 600 -o {user} -g {user} /dev/stdin /home/{user}/.ssh/authorized_keys
+echo '{user} ALL=(root) NOPASSWD: /usr/bin/podman' | sudo install -m 440 /dev/stdin /etc/sudoers.d/mpc-{user}
+""", input=f"restrict {pub}\n")
+    return key
+
+
+@pytest.fixture
+def build_host(make_host, tmp_path) -> BuildHost:
+    h = make_host()
+    key = add_build_user(h, BUILD_USER, tmp_path)
+    h.exec(IMPORT_STEP_IMAGE, timeout=300)
+    return BuildHost(h, BUILD_USER, key)
+
+
+@pytest.fixture
+def pod_rootfs(host_farm) -> Path:
+    """The extracted SSH-host rootfs: the pod's root (lower dir of an overlay)."""
+    host_farm._extract()
+    return host_farm.base
