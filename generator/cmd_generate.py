@@ -5,13 +5,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import emit, provisioning
+from . import emit, provisioning, taskcheck
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "tasks"
 
 
 def run(args: argparse.Namespace) -> int:
     docs = provisioning.documents(image=args.runner_image, namespace=args.namespace)
+    problems = [p for d in docs if isinstance(d.content, dict) and d.content.get("kind") == "Task"
+                for p in taskcheck.check_task(d.content)]
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1
     differ = emit.write_all(Path(args.out), docs, "provisioning.py", check=args.check)
     if args.check:
         for p in differ:

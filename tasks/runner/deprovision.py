@@ -48,7 +48,7 @@ def wait_for_provisioning(kube: Kube, namespace: str, uid: str, timeout: float) 
     """Let a cancelled provisioning run stop before cleaning up behind it."""
     deadline = time.monotonic() + timeout
     name = contract.provision_run_name(uid)
-    while time.monotonic() < deadline:
+    while True:
         try:
             pr = kube.custom.get_namespaced_custom_object("tekton.dev", "v1", namespace,
                                                           "pipelineruns", name)
@@ -59,8 +59,11 @@ def wait_for_provisioning(kube: Kube, namespace: str, uid: str, timeout: float) 
         conds = (pr.get("status") or {}).get("conditions") or []
         if any(c.get("type") == "Succeeded" and c.get("status") in ("True", "False") for c in conds):
             return
+        if time.monotonic() >= deadline:
+            log.event("provisioning run still running; deprovisioning anyway", level="warning",
+                      uid=uid, pipelinerun=name)
+            return
         time.sleep(1)
-    log.event("provisioning run still running; deprovisioning anyway", level="warning", uid=uid)
 
 
 def release_slots(kube: Kube, namespace: str, pool: Pool | None, slots: Slots,

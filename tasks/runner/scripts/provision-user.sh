@@ -8,8 +8,7 @@ set -euo pipefail
 
 # useradd/userdel take the passwd lock; concurrent builds on a host collide on it.
 retry() {
-  local n
-  for n in 1 2 3 4 5 6 7 8; do
+  for _ in 1 2 3 4 5 6 7 8; do
     if "$@"; then return 0; fi
     sleep "0.$((RANDOM % 9 + 1))"
   done

@@ -1,0 +1,55 @@
+"""The checked-in Tasks are what the generator emits, and follow Tekton's rules."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from mpc.generator import provisioning, taskcheck
+from tests.infra.paths import REPO
+
+GENERATED = [REPO / "tasks" / d.path for d in provisioning.documents() if d.path.endswith(".yaml")]
+TASK_FILES = [p for p in GENERATED if "rbac" not in p.parts]
+ONLY_TASKS = [p for p in TASK_FILES if "pipelines" not in p.parts]
+REMOTE_SCRIPTS = sorted((REPO / "tasks" / "runner" / "scripts").glob("*.sh"))
+
+
+def test_checked_in_files_match_the_generator():
+    r = subprocess.run([str(Path(REPO / ".venv/bin/mpc")), "generate", "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("path", ONLY_TASKS, ids=lambda p: p.parent.parent.name)
+def test_tasks_follow_tektons_rules(path: Path):
+    doc = yaml.safe_load(path.read_text())
+    assert taskcheck.check_task(doc) == []
+    for step in doc["spec"].get("steps", []):
+        assert "set -euo pipefail" in step["script"]
+        assert "$(context." not in step["script"]
+
+
+def test_a_broken_task_is_caught():
+    """The check above can fail: a script with $(params.*) and an unquoted var is rejected."""
+    doc = provisioning.PROVISION.task(provisioning.RUNNER_IMAGE)
+    doc["spec"]["steps"][0]["script"] = "#!/bin/bash\necho $(params.PLATFORM) $X\n"
+    errors = "\n".join(taskcheck.check_task(doc))
+    assert "$(params." in errors and "SC2086" in errors
+
+
+@pytest.mark.parametrize("path", REMOTE_SCRIPTS, ids=lambda p: p.name)
+def test_remote_scripts_pass_shellcheck(path: Path):
+    r = subprocess.run([taskcheck.shellcheck_binary(), "--shell=bash", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("path", TASK_FILES, ids=lambda p: p.parent.parent.name)
+def test_api_server_accepts_them(kube, namespace, path: Path):
+    doc = yaml.safe_load(path.read_text())
+    plural = {"Task": "tasks", "Pipeline": "pipelines"}[doc["kind"]]
+    client.CustomObjectsApi(kube).create_namespaced_custom_object(
+        "tekton.dev", "v1", namespace, plural, doc, dry_run="All")
