@@ -94,3 +94,22 @@ def e2e_namespace(e2e_kube) -> str:
             time.sleep(0.1)
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture
+def e2e_make_host(host_farm, e2e_node):
+    """Factory: an SSH test host (``tests.infra.sshhosts``) reachable from the node's pods.
+
+    Its uplink lives in the node's netns (``hosts.move_into_node``); use
+    ``hosts.ssh(host, e2e_node, cmd)`` or ``host.exec(script)`` to reach it.
+    """
+    from .hosts import move_into_node
+    made = []
+
+    def make(name: str | None = None):
+        h = host_farm.add(name)
+        made.append(h)
+        return move_into_node(h, e2e_node)
+    yield make
+    for h in made:
+        h.destroy()

@@ -157,3 +157,18 @@ spec:
     tr = wait_taskrun_done(e2e_kube, e2e_namespace, "from-bundle")
     assert succeeded(tr)["status"] == "True", tr["status"]
     assert results(tr) == {"out": "hello bundle"}
+
+
+def test_build_pods_reach_ssh_hosts_inside_the_node_netns(e2e_node, e2e_kube, e2e_namespace,
+                                                           e2e_make_host):
+    from . import hosts
+    host = e2e_make_host()
+    assert hosts.ssh(host, e2e_node, "hostname").stdout.strip() == host.name
+    create_taskrun(e2e_kube, e2e_namespace, {"taskSpec": {
+        "results": [{"name": "banner"}],
+        "steps": [{"name": "dial", "image": STEP_IMAGE, "env": [{"name": "ADDR", "value": host.address}],
+                   "script": "#!/bin/sh\nset -e\nbanner=$(nc -w 10 \"$ADDR\" 22 </dev/null | head -1)\n"
+                             "printf '%s' \"${banner%%-*}\" > $(results.banner.path)\n"}]}}, "dial")
+    tr = wait_taskrun_done(e2e_kube, e2e_namespace, "dial")
+    assert succeeded(tr)["status"] == "True", tr["status"]
+    assert results(tr) == {"banner": "SSH"}
