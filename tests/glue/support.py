@@ -150,7 +150,7 @@ class Watcher:
         with open(self.log, "a") as f:
             f.write(f"--- start {self.starts} crash_after={crash_after}\n")
             f.flush()
-            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         return self
 
