@@ -19,11 +19,15 @@ from .bundles_pin import pin_files, unpinned
 from .bundles_push import BuildInfo, find_tkn, list_bundle, push, read_lock, table, write_lock
 from .bundles_registry import LocalRegistry, read_layers
 
-# Sub-commands of `mpc` that regenerate the checked-in Tasks, tried in this
-# order by `mpc bundles run`; each is called with `--check` when it has that
-# flag (then a stale checked-in Task is an error) and plainly otherwise.
-GENERATE_COMMANDS = ("generate", "tasks", "gen")
-
+# The generators of the checked-in Tasks, as `mpc` sub-commands; `{tasks}` is
+# the catalog directory. `mpc bundles run` runs each one that is registered
+# with `--check`: the generator runs in full and a checked-in file that
+# differs from its output is an error.
+GENERATORS = (
+    ("generate", "--out", "{tasks}"),
+    ("buildah-remote", "--from", "{tasks}/buildah/0.1/buildah.yaml",
+     "--out", "{tasks}/buildah-remote/0.1/buildah-remote.yaml"),
+)
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", type=Path, default=Path("bundles/bundles.yaml"),
@@ -132,21 +136,40 @@ def cmd_push(args) -> int:
     return 0
 
 
-def _generate() -> None:
-    """Run the Task generator if the CLI has one (so stale checked-in YAML fails here)."""
+def _generate(tasks: Path) -> None:
+    """Run every registered Task generator in --check mode (stale checked-in YAML fails)."""
     from . import cli
     parser = cli.parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name in GENERATE_COMMANDS:
-        if name in sub.choices:
-            flags = {o for a in sub.choices[name]._actions for o in a.option_strings}
-            argv = [name, "--check"] if "--check" in flags else [name]
-            print(f"== mpc {' '.join(argv)}")
-            rc = cli.main(argv)
-            if rc:
-                raise BundleError(f"`mpc {' '.join(argv)}` failed (exit {rc})")
-            return
-    print("== no Task generator registered in mpc's CLI yet: validating the checked-in Tasks")
+    ran = 0
+    for gen in GENERATORS:
+        name, rest = gen[0], [a.format(tasks=tasks) for a in gen[1:]]
+        if name not in sub.choices:
+            continue
+        flags = {o for a in sub.choices[name]._actions for o in a.option_strings}
+        argv = [name, *rest] + (["--check"] if "--check" in flags else [])
+        print(f"== mpc {' '.join(argv)}")
+        rc = cli.main(argv)
+        if rc:
+            raise BundleError(f"`mpc {' '.join(argv)}` failed (exit {rc}): regenerate and commit")
+        ran += 1
+    if not ran:
+        print("== no Task generator registered in mpc's CLI: validating the checked-in Tasks")
+
+
+def _validate(spec) -> None:
+    """The project's Task rules (taskcheck: scripts, params via env, ShellCheck) on every Task."""
+    try:
+        from .taskcheck import check_task
+    except ImportError:          # the checker is optional; tkn still decodes everything
+        return
+    problems = []
+    for b in spec.bundles:
+        for o in b.resolved:
+            if o.kind == "Task":
+                problems += [f"{o.path}: {e}" for e in check_task(o.body)]
+    if problems:
+        raise BundleError(problems)
 
 
 def cmd_run(args) -> int:
@@ -154,11 +177,13 @@ def cmd_run(args) -> int:
     try:
         find_tkn(args.tkn)
         if not args.no_generate:
-            _generate()
+            _generate(args.tasks)
         print(f"== validating {args.tasks}/ against {args.spec}")
         spec = _load(args)
+        _validate(spec)
         n = sum(len(b.resolved) for b in spec.bundles)
-        print(f"   {len(spec.bundles)} bundles, {n} Tekton objects, resolver rules hold")
+        print(f"   {len(spec.bundles)} bundles, {n} Tekton objects: every object listed once, "
+              "resolver rules and Task rules (taskcheck) hold")
         info = _info(args, spec)
         if args.registry:
             return _run_push(args, spec, info, args.registry, t0, local=False)

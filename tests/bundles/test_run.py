@@ -41,5 +41,16 @@ def test_make_run(tmp_path):
     r = subprocess.run(["make", "--no-print-directory", "-o", "deps", "-o", "venv", "-o", "upstream", "run"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "mpc generate --check" in r.stdout
+    # every generator ran in --check mode, then the whole catalog was pushed
+    assert re.search(r"^== mpc generate .*--check$", r.stdout, re.M), r.stdout
+    assert re.search(r"^== mpc buildah-remote .*--check$", r.stdout, re.M), r.stdout
     check_run_output(r.stdout, names)
+
+
+def test_run_refuses_a_task_that_breaks_the_task_rules(small_catalog):
+    from tests.bundles.conftest import task
+    small_catalog.write("hello/0.1/hello.yaml", task("hello", "echo no shebang $(params.X)\n"))
+    r = mpc("bundles", "run", *small_catalog.args(), "--no-generate", cwd=small_catalog.root)
+    assert r.rc == 1
+    assert "hello/0.1/hello.yaml" in r.err
+    assert "embedded registry" not in r.out and "pushed" not in r.out
