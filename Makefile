@@ -64,8 +64,8 @@ clean: ## remove the venv (the cache in $(MPC_CACHE) stays)
 # REGISTRY: where the bundles go (host[:port]/path, e.g. quay.io/acme/mpc);
 # left empty, `make run` pushes to an embedded loopback registry it starts and
 # stops. VERSION: the tag of every bundle (default: mpc's package version).
-# The creation time is SOURCE_DATE_EPOCH, else the HEAD commit time, so the
-# same sources give the same digests. See bundles/README.md.
+# The creation time is SOURCE_DATE_EPOCH, else the last commit of each
+# bundle's files, so the same sources give the same digests. See bundles/README.md.
 REGISTRY ?=
 VERSION ?=
 BUNDLES_LOCK ?= bundles/bundles.lock.yaml

@@ -54,37 +54,65 @@ def _git(repo: Path, *args: str) -> str | None:
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
 
 
+def _rfc3339(epoch: str, what: str) -> str:
+    try:
+        return dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except ValueError as e:
+        raise BundleError(f"{what}={epoch!r} is not a Unix time") from e
+
+
 @dataclass
 class BuildInfo:
-    """What goes into every bundle besides its objects."""
+    """What goes into every bundle besides its objects.
+
+    ``revision`` and ``created`` are either fixed for all bundles (``--revision``,
+    ``--ctime`` or ``SOURCE_DATE_EPOCH``) or empty, and then each bundle gets
+    the last commit that touched its files and that commit's time: a bundle
+    whose sources did not change keeps its digest across unrelated commits.
+    """
 
     version: str
     source: str
-    revision: str
-    created: str          # RFC 3339, UTC
+    revision: str = ""
+    created: str = ""     # RFC 3339, UTC
+    repo: Path = Path(".")
 
     @classmethod
     def detect(cls, repo: Path, version: str, source: str = "", revision: str = "",
                ctime: str = "") -> "BuildInfo":
-        """Fill the blanks: creation time from SOURCE_DATE_EPOCH, else the HEAD commit time."""
-        revision = revision or _git(repo, "rev-parse", "HEAD") or "unknown"
         source = source or _git(repo, "remote", "get-url", "origin") or ""
-        if not ctime:
-            epoch = os.environ.get("SOURCE_DATE_EPOCH") or _git(repo, "log", "-1", "--format=%ct") or "0"
-            try:
-                ctime = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            except ValueError as e:
-                raise BundleError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time") from e
-        else:
+        if ctime:
             try:
                 dt.datetime.fromisoformat(ctime.replace("Z", "+00:00"))
             except ValueError as e:
                 raise BundleError(f"--ctime {ctime!r} is not an RFC 3339 time") from e
+        elif os.environ.get("SOURCE_DATE_EPOCH"):
+            ctime = _rfc3339(os.environ["SOURCE_DATE_EPOCH"], "SOURCE_DATE_EPOCH")
         if not version:
             raise BundleError("a bundle VERSION is required (e.g. VERSION=0.1)")
         if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$", version):
             raise BundleError(f"VERSION {version!r} is not a valid OCI tag")
-        return cls(version=version, source=source, revision=revision, created=ctime)
+        return cls(version=version, source=source, revision=revision, created=ctime, repo=repo)
+
+    def head(self) -> str:
+        return self.revision or _git(self.repo, "rev-parse", "HEAD") or "unknown"
+
+    def stamp(self, files: list[Path]) -> tuple[str, str]:
+        """(revision, created) for a bundle made of ``files``."""
+        rev, created = self.revision, self.created
+        if rev and created:
+            return rev, created
+        names = [str(Path(f).resolve()) for f in files]
+        last = _git(self.repo, "log", "-1", "--format=%H %ct", "--", *names)
+        if last:
+            sha, epoch = last.split()
+        else:      # never committed (or not in this repository): HEAD, or nothing
+            sha = _git(self.repo, "rev-parse", "HEAD") or "unknown"
+            epoch = _git(self.repo, "log", "-1", "--format=%ct") or "0"
+        if not rev:
+            dirty = _git(self.repo, "status", "--porcelain", "--", *names)
+            rev = sha + ("-dirty" if dirty else "")
+        return rev, created or _rfc3339(epoch, "commit time")
 
 
 @dataclass
@@ -94,6 +122,8 @@ class Pushed:
     tag: str
     digest: str
     objects: list[str]
+    revision: str = ""
+    created: str = ""
     seconds: float = 0.0
 
     @property
@@ -124,9 +154,9 @@ def describe(b: Bundle) -> str:
     return f"Tekton bundle {b.name}: " + ", ".join(b.objects)
 
 
-def annotations(b: Bundle, info: BuildInfo) -> dict[str, str]:
+def annotations(b: Bundle, info: BuildInfo, revision: str) -> dict[str, str]:
     ann = {
-        "org.opencontainers.image.revision": info.revision,
+        "org.opencontainers.image.revision": revision,
         "org.opencontainers.image.version": info.version,
         "org.opencontainers.image.description": describe(b),
         "org.opencontainers.image.title": b.name,
@@ -189,8 +219,9 @@ def push(spec: Spec, registry: str, info: BuildInfo, tkn: str | None = None,
         for b in order:
             files = prepare_files(b, result.pins(), Path(scratch))
             repo = f"{registry}/{b.name}"
-            argv = [exe, "bundle", "push", f"{repo}:{info.version}", "--ctime", info.created]
-            for k, v in annotations(b, info).items():
+            revision, created = info.stamp(b.files())
+            argv = [exe, "bundle", "push", f"{repo}:{info.version}", "--ctime", created]
+            for k, v in annotations(b, info, revision).items():
                 argv += ["--annotate", _flag_value(f"{k}={v}")]
             for f in files:
                 argv += ["-f", str(f)]
@@ -204,7 +235,7 @@ def push(spec: Spec, registry: str, info: BuildInfo, tkn: str | None = None,
                                   f"(exit {r.returncode}; already pushed: {done}):\n"
                                   f"{r.stdout.strip()}\n{r.stderr.strip()}")
             result.pushed.append(Pushed(b.name, repo, info.version, m.group(2),
-                                        list(b.objects), took))
+                                        list(b.objects), revision, created, took))
             log(f"pushed {repo}:{info.version}@{m.group(2)}  ({took:.2f}s)")
     return result
 
@@ -231,9 +262,9 @@ def write_lock(path: Path, result: PushResult) -> None:
     data = {
         "registry": result.registry,
         "version": result.info.version,
-        "revision": result.info.revision,
-        "created": result.info.created,
-        "bundles": {p.bundle: {"ref": p.ref, "digest": p.digest, "objects": p.objects}
+        "revision": result.info.head(),
+        "bundles": {p.bundle: {"ref": p.ref, "digest": p.digest, "objects": p.objects,
+                               "revision": p.revision, "created": p.created}
                     for p in sorted(result.pushed, key=lambda p: p.bundle)},
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -42,11 +42,11 @@ def _push_opts(p: argparse.ArgumentParser, registry_required: bool) -> None:
     p.add_argument("--version", default="", help="tag for every bundle (e.g. 0.1)")
     p.add_argument("--lock", type=Path, help="write the pushed refs and digests here")
     p.add_argument("--ctime", default="", help="creation time (RFC 3339); default "
-                   "SOURCE_DATE_EPOCH, else the HEAD commit time")
+                   "SOURCE_DATE_EPOCH, else the time of the last commit of each bundle's files")
     p.add_argument("--source", default="", help="org.opencontainers.image.source "
                    "(default: the declaration's `source`, else git remote origin)")
     p.add_argument("--revision", default="", help="org.opencontainers.image.revision "
-                   "(default: git HEAD)")
+                   "(default: the last commit of each bundle's files, -dirty if they changed since)")
     p.add_argument("--tkn", default=None, help="tkn binary (default: $MPC_CACHE/bin/tekton/tkn, "
                    "else PATH)")
 
@@ -195,8 +195,9 @@ def cmd_run(args) -> int:
 
 
 def _run_push(args, spec, info, registry, t0, local: bool) -> int:
-    print(f"== tkn bundle push -> {registry}  (version {info.version}, created {info.created}, "
-          f"revision {info.revision[:12]})")
+    when = info.created or "last commit of its files"
+    print(f"== tkn bundle push -> {registry}  (version {info.version}, HEAD {info.head()[:12]}, "
+          f"created: {when})")
     t_push = time.monotonic()
     result = push(spec, registry, info, tkn=args.tkn, log=lambda m: print("   " + m))
     pushed_s = time.monotonic() - t_push

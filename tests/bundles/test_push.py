@@ -183,3 +183,48 @@ def test_missing_tkn_is_a_clear_error(small_catalog, registry, prefix, tmp_path)
     assert r.rc == 1
     assert "tkn not found" in r.err and "make upstream" in r.err
     assert oci.catalog(registry.address) == before
+
+
+def test_unchanged_bundles_keep_their_digest_across_commits(small_catalog, prefix):
+    """Stamped from git: only a bundle whose files changed gets a new digest."""
+    import os
+    import subprocess
+    root = small_catalog.root
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.invalid")
+
+    def git(*args, when="2024-01-01T00:00:00Z"):
+        subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True,
+                       env=dict(env, GIT_AUTHOR_DATE=when, GIT_COMMITTER_DATE=when))
+
+    def digests():
+        lock = root / "lock.yaml"
+        r = mpc("bundles", "push", *small_catalog.args(), "--registry", prefix, "--version", "0.1",
+                "--lock", str(lock), cwd=root, env=env)
+        assert r.rc == 0, r.err
+        return yaml.safe_load(lock.read_text())["bundles"]
+
+    git("init", "-q")
+    git("add", "tasks", "bundles.yaml")
+    git("commit", "-q", "-m", "one")
+    first = digests()
+    assert first["task-hello"]["created"] == "2024-01-01T00:00:00Z"
+    assert not first["task-hello"]["revision"].endswith("-dirty")
+
+    (root / "unrelated.txt").write_text("x\n")
+    git("add", "unrelated.txt")
+    git("commit", "-q", "-m", "two", when="2024-02-01T00:00:00Z")
+    assert {k: v["digest"] for k, v in digests().items()} == {k: v["digest"] for k, v in first.items()}
+
+    small_catalog.write("hello/0.1/hello.yaml", task("hello", "#!/bin/sh\necho changed\n"))
+    dirty = digests()
+    assert dirty["task-hello"]["revision"].endswith("-dirty")
+    git("add", "tasks")
+    git("commit", "-q", "-m", "three", when="2024-03-01T00:00:00Z")
+    third = digests()
+    assert third["task-hello"]["created"] == "2024-03-01T00:00:00Z"
+    assert third["task-hello"]["digest"] != first["task-hello"]["digest"]
+    assert third["task-world"]["digest"] == first["task-world"]["digest"]
+    # the Pipeline bundle pins task-hello's new digest, so it changes with it
+    assert third["pipeline-demo"]["digest"] != first["pipeline-demo"]["digest"]

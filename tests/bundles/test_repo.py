@@ -73,19 +73,17 @@ def test_mpc_bundles_check_accepts_the_repo():
 
 @pytest.fixture(scope="module")
 def pushed(registry, tmp_path_factory):
-    """Every bundle of the repo, pushed once with the real tkn (creation time from git)."""
+    """Every bundle of the repo, pushed once with the real tkn (stamped from git)."""
     lock = tmp_path_factory.mktemp("lock") / "bundles.lock.yaml"
-    head_time = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%ct"],
-                               capture_output=True, text=True).stdout.strip()
     env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     r = mpc("bundles", "push", "--registry", f"{registry.address}/repo", "--version", "0.1",
             "--lock", str(lock), env=env)
     assert r.rc == 0, r.out + r.err
-    return yaml.safe_load(lock.read_text()), lock, r.out, head_time
+    return yaml.safe_load(lock.read_text()), lock, r.out
 
 
 def test_repo_bundles_pushed_and_listed(pushed):
-    lock, _, out, _ = pushed
+    lock, _, out = pushed
     assert set(lock["bundles"]) == set(declared())
     for name, b in lock["bundles"].items():
         assert b["ref"] in out
@@ -94,7 +92,7 @@ def test_repo_bundles_pushed_and_listed(pushed):
 
 
 def test_repo_layers_match_tasks_dir(pushed):
-    lock, _, _, head_time = pushed
+    lock, _, _ = pushed
     cat = catalog()
     pins = {o: b["ref"] for b in lock["bundles"].values() for o in b["objects"]}
     for name, b in lock["bundles"].items():
@@ -102,8 +100,12 @@ def test_repo_layers_match_tasks_dir(pushed):
         assert len(m["layers"]) == len(declared()[name]) <= 20
         config = json.loads(oci.blob(b["ref"], m["config"]["digest"]))
         created = dt.datetime.fromisoformat(config["created"].replace("Z", "+00:00")).timestamp()
-        # HEAD may have moved since the fixture read it, but only forwards
-        assert int(created) >= int(head_time)
+        # stamped with the last commit of the bundle's own files
+        files = sorted({str(cat[o]) for o in declared()[name]})
+        sha, epoch = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%H %ct", "--", *files],
+                                    capture_output=True, text=True).stdout.split()
+        assert int(created) == int(epoch), name
+        assert m["annotations"]["org.opencontainers.image.revision"].removesuffix("-dirty") == sha
         for k in ("source", "revision", "version", "description"):
             assert m["annotations"][f"org.opencontainers.image.{k}"], k
         for layer in m["layers"]:
@@ -143,7 +145,7 @@ def test_repo_push_is_reproducible(registry, tmp_path):
 
 
 def test_pin_target_pins_every_reference(pushed, tmp_path, registry):
-    lock, lock_path, _, _ = pushed
+    lock, lock_path, _ = pushed
     out = tmp_path / "release"
     r = subprocess.run(["make", "--no-print-directory", "-o", "venv", "pin-bundles",
                         f"BUNDLES_LOCK={lock_path}", f"PIN_OUT={out}"],
