@@ -69,6 +69,7 @@ class SSHHost:
     admin_key: bytes = b""
     host_public_key: str = ""
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    _init_pid: int = field(default=0, repr=False)
 
     @property
     def admin_key_file(self) -> Path:
@@ -152,7 +153,15 @@ mount -t tmpfs tmpfs {q(str(r))}/dev/shm
 mount -t tmpfs -o mode=755 tmpfs {q(str(r))}/run
 mkdir -p {q(str(r))}/run/sshd {q(str(r))}/run/lock
 chmod 1777 {q(str(r))}/tmp
-exec chroot {q(str(r))} /usr/sbin/sshd -D -e
+# pivot_root, not chroot: like a real machine, the host's root is its mount
+# namespace's root, so user namespaces (rootless podman) work inside it.
+cd {q(str(r))}
+mkdir -p .mpc-oldroot
+pivot_root . .mpc-oldroot
+cd /
+umount -l /.mpc-oldroot
+rmdir /.mpc-oldroot
+exec /usr/sbin/sshd -D -e
 """
         log = s / "sshd.log"
         self.proc = subprocess.Popen(
@@ -164,6 +173,8 @@ exec chroot {q(str(r))} /usr/sbin/sshd -D -e
                  and self.proc.poll() is None, timeout=20, log=log)
         # the log is appended to on restart: consume what is there now
         log.write_bytes(b"")
+        self._init_pid = 0
+        self.sshd_pid()
         return self
 
     def stop(self) -> None:
@@ -176,38 +187,29 @@ exec chroot {q(str(r))} /usr/sbin/sshd -D -e
             pass
         self.proc.wait(timeout=10)
         self.proc = None
-        wait_for(f"{self.name} processes gone", lambda: not self._pids(), timeout=10)
+        if self._init_pid:
+            wait_for(f"{self.name} processes gone", lambda: not alive(self._init_pid), timeout=10)
+        self._init_pid = 0
 
     def destroy(self) -> None:
         self.stop()
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         shutil.rmtree(self.state, ignore_errors=True)
 
-    def _pids(self) -> list[int]:
-        """PIDs whose root directory is this host's root (still-running host processes)."""
-        root = str(self.state / "root")
-        out = []
-        for p in Path("/proc").iterdir():
-            if p.name.isdigit():
-                try:
-                    if os.readlink(p / "root") == root and alive(int(p.name)):
-                        out.append(int(p.name))
-                except OSError:
-                    pass
-        return out
-
     # --- access --------------------------------------------------------------------
     def sshd_pid(self) -> int:
-        """PID (in this machine's namespace) of the host's sshd, PID 1 inside the host."""
-        for pid in self._pids():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            nspid = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")), [])
-            if nspid and nspid[-1] == "1":
-                return pid
-        raise RuntimeError(f"{self.name} is not running")
+        """PID (in this machine's namespace) of the host's sshd, PID 1 inside the host.
+
+        ``unshare --fork`` (started through ``nsenter``, which execs it) has exactly
+        one child: the shell that became sshd.
+        """
+        if not self._init_pid and self.proc is not None:
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            if kids:
+                self._init_pid = int(kids[0])
+        if not self._init_pid or not alive(self._init_pid):
+            raise RuntimeError(f"{self.name} is not running")
+        return self._init_pid
 
     def exec(self, script: str, check: bool = True, input: str | None = None,
              timeout: float = 60) -> subprocess.CompletedProcess:
