@@ -373,21 +373,34 @@ class Controller:
 
     def _ensure_provision(self, uid: str, b: Build, platform: str) -> None:
         run = c.provision_run_name(uid)
-        pr = self.kube.get(k.pipelineruns(self.ns, run))
+        with self.lock:
+            known = b.provision  # only ever set from what the API said about this run
+        if known == RUNNING:
+            # Already seen in flight; the PipelineRun watch brings us back when it ends.
+            b.active = True
+            return
+        pr = self.kube.get(k.pipelineruns(self.ns, run)) if known else None
+        created = None
         if pr is None:
-            allowed, known = self._pool()
             created = self.kube.create(k.pipelineruns(self.ns), objects.provision_run(
                 self.ns, self.cfg.tasks_service_account, b.namespace, b.name, uid, platform))
             self._step("provision-created")
-            state = RUNNING
-            if created is not None:
-                self.metrics.runs_started.labels(objects.ROLE_PROVISION,
-                                                 self.metrics.platform(platform)).inc()
-                self._decision("provisioning run created", b, uid, run=run)
+            if created is None:  # it existed (restart): learn its state instead
+                pr = self.kube.get(k.pipelineruns(self.ns, run))
+        ok = None if pr is None or created is not None else detect.succeeded(pr)
+        state = RUNNING if ok is None else SUCCEEDED if ok else FAILED
+        if created is not None:
+            self.metrics.runs_started.labels(objects.ROLE_PROVISION,
+                                             self.metrics.platform(platform)).inc()
+            self._decision("provisioning run created", b, uid, run=run)
+        if ok is None:
+            # Posted again (idempotent names) after a restart right after creation.
+            allowed, _ = self._pool()
             self._event(b, uid, "ProvisioningStarted",
                         f"Started PipelineRun {self.ns}/{run} to provision a {platform} host",
                         warning=False)
-            if allowed is not None and b.namespace not in allowed:
+            if allowed is not None and b.namespace not in allowed and \
+                    "NamespaceNotAllowed" not in (b.reported or ()):
                 self.metrics.not_allowed.labels(self.metrics.platform(platform)).inc()
                 self._decision("namespace not allowed", b, uid, run=run)
                 self._event(b, uid, "NamespaceNotAllowed",
@@ -395,8 +408,6 @@ class Controller:
                             f"pool ({self.ns}/{self.cfg.pool_configmap}); the build gets an "
                             f"error secret instead of a host", warning=True)
         else:
-            ok = detect.succeeded(pr)
-            state = RUNNING if ok is None else SUCCEEDED if ok else FAILED
             if ok is True:
                 self._event(b, uid, "Provisioned", f"PipelineRun {self.ns}/{run} succeeded",
                             warning=False)
