@@ -79,8 +79,9 @@ class BuildInfo:
 
     @classmethod
     def detect(cls, repo: Path, version: str, source: str = "", revision: str = "",
-               ctime: str = "") -> "BuildInfo":
-        source = source or _git(repo, "remote", "get-url", "origin") or ""
+               ctime: str = "", default_source: str = "") -> "BuildInfo":
+        """source: ``source``, else git remote ``origin``, else ``default_source``."""
+        source = source or _git(repo, "remote", "get-url", "origin") or default_source
         if ctime:
             try:
                 dt.datetime.fromisoformat(ctime.replace("Z", "+00:00"))

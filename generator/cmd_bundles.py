@@ -44,7 +44,7 @@ def _push_opts(p: argparse.ArgumentParser, registry_required: bool) -> None:
     p.add_argument("--ctime", default="", help="creation time (RFC 3339); default "
                    "SOURCE_DATE_EPOCH, else the time of the last commit of each bundle's files")
     p.add_argument("--source", default="", help="org.opencontainers.image.source "
-                   "(default: the declaration's `source`, else git remote origin)")
+                   "(default: git remote origin, else the declaration's `source`)")
     p.add_argument("--revision", default="", help="org.opencontainers.image.revision "
                    "(default: the last commit of each bundle's files, -dirty if they changed since)")
     p.add_argument("--tkn", default=None, help="tkn binary (default: $MPC_CACHE/bin/tekton/tkn, "
@@ -118,8 +118,8 @@ def cmd_check(args) -> int:
 
 def _info(args, spec) -> BuildInfo:
     version = args.version or importlib.metadata.version("mpc")
-    return BuildInfo.detect(Path("."), version, source=args.source or spec.source,
-                            revision=args.revision, ctime=args.ctime)
+    return BuildInfo.detect(Path("."), version, source=args.source, revision=args.revision,
+                            ctime=args.ctime, default_source=spec.source)
 
 
 def cmd_push(args) -> int:

@@ -206,9 +206,12 @@ def test_unchanged_bundles_keep_their_digest_across_commits(small_catalog, prefi
         return yaml.safe_load(lock.read_text())["bundles"]
 
     git("init", "-q")
+    git("remote", "add", "origin", "https://example.invalid/fork/mpc.git")
     git("add", "tasks", "bundles.yaml")
     git("commit", "-q", "-m", "one")
     first = digests()
+    m, _ = oci.manifest(first["task-hello"]["ref"])     # a fork's pushes point at the fork
+    assert m["annotations"]["org.opencontainers.image.source"] == "https://example.invalid/fork/mpc.git"
     assert first["task-hello"]["created"] == "2024-01-01T00:00:00Z"
     assert not first["task-hello"]["revision"].endswith("-dirty")
 
