@@ -171,3 +171,19 @@ def test_pin_target_pins_every_reference(pushed, tmp_path, registry):
     # the checked-in files are not pinned, and the check says so
     bad = mpc("bundles", "check-pinned", "--lock", str(lock_path), "tasks")
     assert bad.rc == 1 and "still names Task/" in bad.err
+
+
+def test_make_bundles_target(registry, tmp_path):
+    lock = tmp_path / "bundles.lock.yaml"
+    r = subprocess.run(["make", "--no-print-directory", "-o", "venv", "-o", "upstream", "bundles",
+                        f"REGISTRY={registry.address}/make", "VERSION=0.2", f"BUNDLES_LOCK={lock}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = yaml.safe_load(lock.read_text())
+    assert data["version"] == "0.2" and set(data["bundles"]) == set(declared())
+    for name, b in data["bundles"].items():
+        assert b["ref"] == f"{registry.address}/make/{name}:0.2@{b['digest']}"
+        assert b["ref"] in r.stdout and oci.exists(b["ref"])
+    usage = subprocess.run(["make", "--no-print-directory", "-o", "venv", "-o", "upstream", "bundles"],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert usage.returncode != 0 and "usage: make bundles REGISTRY=" in usage.stderr
