@@ -73,7 +73,7 @@ def write(kube: Kube, taskrun: dict, data: dict[str, str | bytes], overwrite: bo
 
 
 def write_error(kube: Kube, taskrun: dict, message: str, overwrite: bool = True) -> bool:
-    return write(kube, taskrun, {"error": message}, overwrite=overwrite)
+    return write(kube, taskrun, {contract.KEY_ERROR: message}, overwrite=overwrite)
 
 
 def delete(kube: Kube, namespace: str, taskrun_name: str, uid: str | None) -> bool:

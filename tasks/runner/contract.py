@@ -17,6 +17,13 @@ DOMAIN = "build.mpc.dev"
 FINALIZER = f"{DOMAIN}/provisioner"
 PLATFORM_PARAM = "PLATFORM"
 SECRET_PREFIX = "multi-platform-ssh-"
+# keys of the build's secret (Konflux buildah-remote's contract + known_hosts)
+KEY_PRIVATE_KEY = "id_rsa"
+KEY_HOST = "host"              # <user>@<address>, or "localhost"
+KEY_USER_DIR = "user-dir"
+KEY_KNOWN_HOSTS = "known_hosts"
+KEY_ERROR = "error"            # alone: why no host could be provided
+LOCALHOST = "localhost"
 
 # --- labels/annotations on everything mpc creates ---------------------------------
 LABEL_MANAGED = f"{DOMAIN}/managed-by"          # value: MANAGED_VALUE

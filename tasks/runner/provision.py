@@ -123,7 +123,7 @@ def provision(kube: Kube, req: Request, poll: float = 0.5) -> Outcome:
         return _fail(kube, taskrun, f"invalid PLATFORM {req.platform!r}: expected <os>/<arch> "
                      "such as linux/arm64. Fix the PLATFORM param of the build.")
     if req.platform in pool.local_platforms:
-        buildsecret.write(kube, taskrun, {"host": "localhost"})
+        buildsecret.write(kube, taskrun, {contract.KEY_HOST: contract.LOCALHOST})
         log.event("local platform: secret written", platform=req.platform, **ids)
         return Outcome("local", host="localhost")
     hosts = pool.hosts_for(req.platform)
@@ -192,8 +192,9 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
             _undo(kube, req, slots, slot, host, user)
             log.event("build TaskRun gone during provisioning; user removed", **ids)
             return Outcome("gone", round_trips=trips)
-        buildsecret.write(kube, taskrun, {"id_rsa": priv, "host": f"{user}@{host.address}",
-                                          "user-dir": user_dir, "known_hosts": known_hosts + "\n"})
+        buildsecret.write(kube, taskrun, {
+            contract.KEY_PRIVATE_KEY: priv, contract.KEY_HOST: f"{user}@{host.address}",
+            contract.KEY_USER_DIR: user_dir, contract.KEY_KNOWN_HOSTS: known_hosts + "\n"})
         log.event("provisioned", host=host.name, slot=slot.index, user=user, **ids)
         return Outcome("served", host=host.name, round_trips=trips, failed_hosts=failed)
 

@@ -13,12 +13,13 @@ BUILD_USER = "u-0123456789abcdef01234567"
 
 # The test hosts cannot pull from the internet, so the step image is made on
 # the host from its own rootfs (Debian with bash, buildah, coreutils), which
-# is what the pod side runs too.
+# is what the pod side runs too, and imported into the build user's own
+# (rootless) image store, where a pull would have put it.
 IMPORT_STEP_IMAGE = f"""
 set -e
 tar -C / --exclude=./proc --exclude=./sys --exclude=./dev --exclude='./run/*' --exclude='./tmp/*' \
   --exclude=./home --exclude=./var/lib/containers --exclude='./var/tmp/*' -cf - . 2>/dev/null \
-  | podman import --change 'CMD ["/bin/bash"]' - {STEP_IMAGE} >/dev/null
+  | su - {{user}} -s /bin/bash -c "podman import --change 'CMD [\\"/bin/bash\\"]' - {STEP_IMAGE}" >/dev/null
 """
 
 
@@ -39,14 +40,8 @@ class BuildHost:
         return d
 
 
-def add_build_user(h: SSHHost, user: str, key_dir: Path) -> Path:
-    """A build user as the provisioner makes one, with `sudo podman` granted.
-
-    Rootless podman cannot work on these test hosts: their sshd is started with
-    chroot(2), and the kernel refuses CLONE_NEWUSER to any process whose root
-    is not its mount namespace's root ("cannot clone: Operation not
-    permitted"), root included. The host script then uses the sudo rule.
-    """
+def add_build_user(h: SSHHost, user: str, key_dir: Path, sudo_podman: bool = False) -> Path:
+    """A build user as the provisioner makes one; rootless podman unless ``sudo_podman``."""
     priv, pub = keypair()
     key = key_dir / f"{user}.key"
     key.write_bytes(priv)
@@ -55,8 +50,10 @@ def add_build_user(h: SSHHost, user: str, key_dir: Path) -> Path:
 sudo useradd -m -s /bin/bash {user}
 sudo install -d -m 700 -o {user} -g {user} /home/{user}/.ssh
 sudo install -m 600 -o {user} -g {user} /dev/stdin /home/{user}/.ssh/authorized_keys
-echo '{user} ALL=(root) NOPASSWD: /usr/bin/podman' | sudo install -m 440 /dev/stdin /etc/sudoers.d/mpc-{user}
 """, input=f"restrict {pub}\n")
+    if sudo_podman:
+        h.ssh(f"echo '{user} ALL=(root) NOPASSWD: /usr/bin/podman' | "
+              f"sudo tee /etc/sudoers.d/mpc-{user} >/dev/null && sudo chmod 440 /etc/sudoers.d/mpc-{user}")
     return key
 
 
@@ -64,7 +61,7 @@ echo '{user} ALL=(root) NOPASSWD: /usr/bin/podman' | sudo install -m 440 /dev/st
 def build_host(make_host, tmp_path) -> BuildHost:
     h = make_host()
     key = add_build_user(h, BUILD_USER, tmp_path)
-    h.exec(IMPORT_STEP_IMAGE, timeout=300)
+    h.exec(IMPORT_STEP_IMAGE.format(user=BUILD_USER), timeout=300)
     return BuildHost(h, BUILD_USER, key)
 
 

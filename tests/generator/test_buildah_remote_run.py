@@ -48,9 +48,10 @@ def new_pod(tmp_path, pod_rootfs, task, secret_dir, **params) -> Pod:
                sources={br.SSH_VOLUME: secret_dir})
 
 
-def host_events(h) -> str:
-    return h.exec("podman events --stream=false --filter event=start "
-                  "--format '{{.Image}}'", check=False).stdout
+def host_events(bh) -> str:
+    """Images of containers the build user's (rootless) podman started on the host."""
+    return bh.host.exec(f"su - {bh.user} -s /bin/bash -c \"podman events --stream=false "
+                        "--filter event=start --format '{{.Image}}'\"", check=False).stdout
 
 
 def test_remote_build_on_ssh_host_then_push_from_pod(build_host, pod_rootfs, registry, tmp_path):
@@ -68,7 +69,7 @@ def test_remote_build_on_ssh_host_then_push_from_pod(build_host, pod_rootfs, reg
     assert build.returncode == 0, build.stderr[-4000:]
     assert f"built on {build_host.user}@{build_host.host.address}" in build.stderr
     # the build ran in podman on the host, in the step image
-    assert STEP_IMAGE in host_events(build_host.host)
+    assert STEP_IMAGE in host_events(build_host)
     # the host's copy is cleaned up
     assert build_host.host.exec(f"test -e /home/{build_host.user}/mpc-build",
                                 check=False).returncode == 1
