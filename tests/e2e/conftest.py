@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
+import warnings
 import uuid
 
 import pytest
@@ -53,10 +55,15 @@ def e2e_node():
     try:
         try:
             node.up()
-        except Exception:
+        except Exception as e:
             if ephemeral or not (node.dir / "etcd").exists():
                 raise
-            node.down(wipe=True)     # a broken warm state must not fail the suite: go cold
+            # a broken warm state must not fail the suite: keep its logs, say why, go cold
+            kept = node.dir.with_name(f"{node.name}-failed-logs")
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(node.logs, kept)
+            warnings.warn(f"warm e2e node failed ({e!r}; logs in {kept}); starting cold")
+            node.down(wipe=True)
             node.up()
         print(f"\ne2e node {node.name} up: {node.timings}")
         yield node

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import base64
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -595,17 +596,33 @@ oom_score = 0
         from kubernetes import client, dynamic
         api = self.api_client()
         core = client.CoreV1Api(api)
-        try:
-            core.read_namespaced_config_map(INSTALL_MARKER, TEKTON_NS)
-            return                                   # warm: already in etcd
-        except client.ApiException as e:
-            if e.status != 404:
-                raise
-        dyn = dynamic.DynamicClient(api)
         cfg = paths.tekton_config()
         skip = {"controller.yaml", "webhook.yaml", "webhook-hpa.yaml", "events.yaml",
                 "resolvers-deployment.yaml"}   # Deployments: these run as host processes
         files = sorted(p for p in cfg.rglob("*.yaml") if p.name not in skip)
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
+        try:
+            marker = core.read_namespaced_config_map(INSTALL_MARKER, TEKTON_NS)
+            if (marker.data or {}).get("config") == digest:
+                return                               # warm: this release config is in etcd
+            core.delete_namespaced_config_map(INSTALL_MARKER, TEKTON_NS)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+        # Re-install over an older install: the admission webhooks the last webhook process
+        # filled in would now be called with no webhook running (failurePolicy: Fail) and
+        # reject our ConfigMaps; drop them, 500-webhooks.yaml brings them back empty.
+        adm = client.AdmissionregistrationV1Api(api)
+        for delete in (adm.delete_validating_webhook_configuration,
+                       adm.delete_mutating_webhook_configuration):
+            for n in ("validation.webhook.pipeline.tekton.dev", "webhook.pipeline.tekton.dev",
+                      "config.webhook.pipeline.tekton.dev"):
+                try:
+                    delete(n)
+                except client.ApiException as e:
+                    if e.status != 404:
+                        raise
+        dyn = dynamic.DynamicClient(api)
         docs = [d for f in files for d in yaml.safe_load_all(f.read_text()) if d]
         docs.sort(key=lambda d: (d["kind"] != "Namespace", d["kind"] != "CustomResourceDefinition"))
         webhook_svc = [{
@@ -623,15 +640,15 @@ oom_score = 0
         for d in docs + webhook_svc:
             res = dyn.resources.get(api_version=d["apiVersion"], kind=d["kind"])
             ns = d["metadata"].get("namespace") if res.namespaced else None
-            for _ in range(30):   # a CRD's resources appear in discovery a moment later
+            for attempt in range(40):   # a CRD's resources appear in discovery a moment later
                 try:
                     res.server_side_apply(body=d, name=d["metadata"]["name"], namespace=ns,
                                           field_manager="mpc-e2e", force_conflicts=True)
                     break
                 except client.ApiException as e:
-                    if e.status not in (404, 409, 500, 503):
+                    if e.status not in (404, 409, 500, 503) or attempt == 39:
                         raise
-                    time.sleep(0.5)
+                    time.sleep(0.25)
         # the bundles resolver (and its feature flag) must be on for `resolver: bundles`
         core.patch_namespaced_config_map("resolvers-feature-flags", RESOLVERS_NS,
                                          {"data": {"enable-bundles-resolver": "true"}})
@@ -643,7 +660,7 @@ oom_score = 0
                        for crd in ext.list_custom_resource_definition().items)
         wait_for("Tekton CRDs Established", established, timeout=60)
         core.create_namespaced_config_map(TEKTON_NS, client.V1ConfigMap(
-            metadata=client.V1ObjectMeta(name=INSTALL_MARKER)))
+            metadata=client.V1ObjectMeta(name=INSTALL_MARKER), data={"config": digest}))
 
     def _sa_kubeconfig(self, ns: str, sa: str) -> Path:
         from kubernetes import client
@@ -692,10 +709,15 @@ oom_score = 0
             "METRICS_PROMETHEUS_PORT": "9092", "PROFILING_PORT": "8010",
             "ARTIFACT_HUB_API": "https://artifacthub.io/",
             "TEKTON_HUB_API": "https://api.hub.tekton.dev/"})
-        for name, port in (("tekton-webhook", 8081), ("tekton-controller", 8083),
-                           ("tekton-resolvers", 8080)):
+        # knative's sharedmain also serves probes on a hardcoded :8080 in each of the three
+        # processes; one wins, the others log a bind error at exit and run on. So: the
+        # webhook's and controller's own probe ports, and the resolvers' bundles lease.
+        for name, port in (("tekton-webhook", 8081), ("tekton-controller", 8083)):
             self._wait(f"{name} readiness", lambda p=port: self.http_inside(
                 f"http://127.0.0.1:{p}/readiness") is not None, 120, name)
+        self._wait("bundles resolver leading", lambda: bool(coord.read_namespaced_lease(
+            "controller.tektonresolverframework.bundleresolver.00-of-01", RESOLVERS_NS
+        ).spec.holder_identity), 120, "tekton-resolvers")
         # ready = the apiserver really calls the webhook: a dry-run Task passes admission
         dyn = dynamic.DynamicClient(api)
         tasks = dyn.resources.get(api_version="tekton.dev/v1", kind="Task")
@@ -781,7 +803,7 @@ oom_score = 0
         for n in [n for n, _ in STOP_ORDER + STOP_AFTER_CONTAINERS] + ["holder"]:
             if alive(self._pid(n)):
                 out.append(f"process {n} pid {self._pid(n)}")
-        d = str(self.dir)
+        d = str(self.dir) + "/"
         for p in _all_pids():
             try:
                 cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -796,7 +818,7 @@ oom_score = 0
         if Path(f"/run/netns/{self.netns}").exists():
             out.append(f"netns {self.netns}")
         for line in Path("/proc/self/mounts").read_text().splitlines():
-            if d in line or self.netns in line:
+            if f" {self.dir}" in line or self.netns in line:
                 out.append(f"mount {line}")
         return out
 
