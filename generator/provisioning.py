@@ -260,4 +260,8 @@ def documents(image: str = RUNNER_IMAGE, namespace: str = "mpc") -> list[Emitted
         n = p["metadata"]["name"]
         out.append(Emitted(f"pipelines/{n}/{VERSION}/{n}.yaml", p))
     out.append(Emitted("rbac/mpc-tasks.yaml", rbac(namespace)))
+    # What a controller namespace installs (glue/deploy/install builds on it).
+    out.append(Emitted("kustomization.yaml", {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [d.path for d in out if d.kind == "yaml"]}))
     return out

@@ -65,6 +65,9 @@ class Config:
     tasks_service_account: str = c.TASKS_SERVICE_ACCOUNT
     pool_configmap: str = c.HOST_POOL_CONFIGMAP
     instance: str = "mpc-glue"
+    pipeline_bundle: str | None = None
+    sweep_bundle: str | None = None
+    provision_timeout: str = "2h"
     crash_after: str | None = None  # test hook, see main.py
 
 
@@ -125,6 +128,16 @@ def parser() -> argparse.ArgumentParser:
         f"host pool ConfigMap (key {c.POOL_KEY}); Konflux's flat '{c.KONFLUX_CONFIGMAP}' "
         "is read when it is absent", default=d.pool_configmap)
     add("--instance", "POD_NAME", "name of this instance in Events", default=d.instance)
+    add("--pipeline-bundle", "MPC_GLUE_PIPELINE_BUNDLE",
+        "Tekton bundle holding the mpc-provision and mpc-deprovision Pipelines (a pinned "
+        "ref, e.g. quay.io/acme/mpc/pipeline-mpc-provisioning:0.1@sha256:...); unset: use "
+        "the Pipelines installed in the controller namespace", default=d.pipeline_bundle)
+    add("--sweep-bundle", "MPC_GLUE_SWEEP_BUNDLE",
+        "Tekton bundle holding the mpc-sweep Task; unset: the Task installed in the "
+        "controller namespace", default=d.sweep_bundle)
+    add("--provision-timeout", "MPC_GLUE_PROVISION_TIMEOUT",
+        "timeout of a provisioning PipelineRun; keep it above the pool's maxWaitSeconds",
+        default=d.provision_timeout)
     p.add_argument("--crash-after", default=_env("MPC_GLUE_CRASH_AFTER", None),
                    help=argparse.SUPPRESS)
     return p

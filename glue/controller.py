@@ -383,7 +383,8 @@ class Controller:
         created = None
         if pr is None:
             created = self.kube.create(k.pipelineruns(self.ns), objects.provision_run(
-                self.ns, self.cfg.tasks_service_account, b.namespace, b.name, uid, platform))
+                self.ns, self.cfg.tasks_service_account, b.namespace, b.name, uid, platform,
+                bundle=self.cfg.pipeline_bundle, timeout=self.cfg.provision_timeout))
             self._step("provision-created")
             if created is None:  # it existed (restart): learn its state instead
                 pr = self.kube.get(k.pipelineruns(self.ns, run))
@@ -456,7 +457,8 @@ class Controller:
                            b, uid, run=c.provision_run_name(uid))
         run = c.deprovision_run_name(uid)
         created = self.kube.create(k.pipelineruns(self.ns), objects.deprovision_run(
-            self.ns, self.cfg.tasks_service_account, b.namespace, b.name, uid, b.platform))
+            self.ns, self.cfg.tasks_service_account, b.namespace, b.name, uid, b.platform,
+            bundle=self.cfg.pipeline_bundle))
         self._step("deprovision-created")
         if created is not None:
             self.metrics.runs_started.labels(objects.ROLE_DEPROVISION,
@@ -550,6 +552,6 @@ class Controller:
     def start_sweep(self) -> None:
         bucket = int(time.time() // self.cfg.sweep_interval)
         if self.kube.create(k.taskruns(self.ns), objects.sweep_run(
-                self.ns, self.cfg.tasks_service_account, bucket)) is not None:
+                self.ns, self.cfg.tasks_service_account, bucket, bundle=self.cfg.sweep_bundle)) is not None:
             self.metrics.sweeps.inc()
             log.info("sweep started", extra={"fields": {"run": objects.sweep_run_name(bucket)}})

@@ -40,8 +40,17 @@ def _labels(role: str, uid: str, namespace: str) -> dict:
             c.LABEL_TASKRUN_UID: uid, c.LABEL_TASKRUN_NAMESPACE: namespace}
 
 
+def ref(kind: str, name: str, bundle: str | None) -> dict:
+    """A pipelineRef/taskRef: by name in the cluster, or through the bundles resolver."""
+    if not bundle:
+        return {"name": name}
+    return {"resolver": "bundles", "params": [
+        {"name": "bundle", "value": bundle}, {"name": "name", "value": name},
+        {"name": "kind", "value": kind}]}
+
+
 def provision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
-                  platform: str) -> dict:
+                  platform: str, bundle: str | None = None, timeout: str = "2h") -> dict:
     return {
         "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
         "metadata": {
@@ -50,16 +59,18 @@ def provision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: s
             "annotations": {c.ANN_TASKRUN_NAME: name, c.ANN_PLATFORM: platform},
         },
         "spec": {
-            "pipelineRef": {"name": c.PROVISION_PIPELINE},
+            "pipelineRef": ref("pipeline", c.PROVISION_PIPELINE, bundle),
             "params": [{"name": k, "value": v} for k, v in zip(
                 c.PIPELINE_PARAMS, (name, namespace, uid, platform))],
             "taskRunTemplate": {"serviceAccountName": sa},
+            # a build may queue for a slot up to the pool's maxWaitSeconds (default 1h)
+            "timeouts": {"pipeline": timeout},
         },
     }
 
 
 def deprovision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
-                    platform: str | None) -> dict:
+                    platform: str | None, bundle: str | None = None) -> dict:
     ann = {c.ANN_TASKRUN_NAME: name}
     if platform:
         ann[c.ANN_PLATFORM] = platform
@@ -71,7 +82,7 @@ def deprovision_run(controller_ns: str, sa: str, namespace: str, name: str, uid:
             "annotations": ann,
         },
         "spec": {
-            "pipelineRef": {"name": c.DEPROVISION_PIPELINE},
+            "pipelineRef": ref("pipeline", c.DEPROVISION_PIPELINE, bundle),
             "params": [{"name": k, "value": v} for k, v in zip(
                 c.DEPROVISION_PARAMS, (name, namespace, uid))],
             "taskRunTemplate": {"serviceAccountName": sa},
@@ -84,14 +95,14 @@ def sweep_run_name(bucket: int) -> str:
     return f"{c.SWEEP_TASK}-{bucket}"
 
 
-def sweep_run(controller_ns: str, sa: str, bucket: int) -> dict:
+def sweep_run(controller_ns: str, sa: str, bucket: int, bundle: str | None = None) -> dict:
     return {
         "apiVersion": "tekton.dev/v1", "kind": "TaskRun",
         "metadata": {
             "name": sweep_run_name(bucket), "namespace": controller_ns,
             "labels": {c.LABEL_MANAGED: c.MANAGED_VALUE, c.LABEL_ROLE: ROLE_SWEEP},
         },
-        "spec": {"taskRef": {"name": c.SWEEP_TASK}, "serviceAccountName": sa},
+        "spec": {"taskRef": ref("task", c.SWEEP_TASK, bundle), "serviceAccountName": sa},
     }
 
 

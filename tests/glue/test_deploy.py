@@ -2,7 +2,6 @@
 for the watcher to work and too little to read a Secret."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import uuid
@@ -19,7 +18,8 @@ from .support import build_taskrun
 from .test_lifecycle import events_for, has_finalizer
 
 ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "glue" / "deploy"
+DEPLOY = ROOT / "glue" / "deploy" / "base"
+INSTALL = ROOT / "glue" / "deploy" / "install"
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))
 
 
@@ -52,28 +52,17 @@ def test_base_applies_server_side(cluster, mpc_namespace):
         assert kind in out
 
 
-def test_base_with_the_generated_tasks_applies(cluster, mpc_namespace, tmp_path):
-    """The install overlay's wiring with the Tasks/Pipelines/RBAC generated today."""
-    generated = sorted(p for p in (ROOT / "tasks").glob("**/*.yaml")
-                       if "runner" not in p.parts and p.parent.name != "buildah"
-                       and p.parent.parent.name != "buildah")
-    if not generated:
-        pytest.skip("no generated Tasks in tasks/ yet")
-    files = []
-    for i, p in enumerate(generated):
-        shutil.copy(p, tmp_path / f"{i:02d}-{p.name}")
-        files.append(f"{i:02d}-{p.name}")
-    rel = Path(*([".."] * len(tmp_path.parts[1:]))) / DEPLOY.relative_to("/")
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "namespace": "mpc", "resources": [str(rel), *files]}))
-    docs = render(cluster, tmp_path)
+def test_install_overlay_with_the_generated_tasks_applies(cluster, mpc_namespace):
+    """glue/deploy/install = the watcher + tasks/kustomization.yaml (generated)."""
+    docs = render(cluster, INSTALL)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert ("Pipeline", c.PROVISION_PIPELINE) in kinds
     assert ("Pipeline", c.DEPROVISION_PIPELINE) in kinds
     assert ("Task", c.SWEEP_TASK) in kinds
     assert ("ServiceAccount", c.TASKS_SERVICE_ACCOUNT) in kinds
-    kubectl(cluster, "apply", "-k", str(tmp_path), "--dry-run=server")
+    assert ("Deployment", "mpc-glue") in kinds
+    out = kubectl(cluster, "apply", "-k", str(INSTALL), "--dry-run=server")
+    assert "pipeline.tekton.dev/mpc-provision" in out and "task.tekton.dev/mpc-provision" in out
 
 
 def test_deployment_is_locked_down(cluster):

@@ -11,9 +11,11 @@ from kubernetes import client
 from mpc.generator import provisioning, taskcheck
 from tests.infra.paths import REPO
 
-GENERATED = [REPO / "tasks" / d.path for d in provisioning.documents() if d.path.endswith(".yaml")]
-TASK_FILES = [p for p in GENERATED if "rbac" not in p.parts]
-ONLY_TASKS = [p for p in TASK_FILES if "pipelines" not in p.parts]
+DOCS = provisioning.documents()
+TASK_FILES = [REPO / "tasks" / d.path for d in DOCS
+              if isinstance(d.content, dict) and d.content.get("kind") in ("Task", "Pipeline")]
+ONLY_TASKS = [REPO / "tasks" / d.path for d in DOCS
+              if isinstance(d.content, dict) and d.content.get("kind") == "Task"]
 REMOTE_SCRIPTS = sorted((REPO / "tasks" / "runner" / "scripts").glob("*.sh"))
 
 
