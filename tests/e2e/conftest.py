@@ -51,7 +51,8 @@ def e2e_node():
         yield node
         return
     node, lock, ephemeral = _claim()
-    before = hostcheck.HostState.capture(kubelet_sysctls=not other_instances_live(node.name))
+    before = hostcheck.HostState.capture(kubelet_sysctls=not other_instances_live(node.name),
+                                           own=node.name)
     try:
         try:
             node.up()
@@ -73,7 +74,8 @@ def e2e_node():
         if lock is not None:
             lock.close()
     left = node.leftovers()
-    after = hostcheck.HostState.capture(kubelet_sysctls=not other_instances_live(node.name))
+    after = hostcheck.HostState.capture(kubelet_sysctls=not other_instances_live(node.name),
+                                           own=node.name)
     changes = before.diff(after)
     assert not left, "e2e node left behind:\n" + "\n".join(left)
     assert not changes, "e2e node changed this machine:\n" + changes

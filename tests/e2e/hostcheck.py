@@ -55,7 +55,8 @@ class HostState:
     sections: dict[str, list[str]]
 
     @classmethod
-    def capture(cls, kubelet_sysctls: bool = True) -> "HostState":
+    def capture(cls, kubelet_sysctls: bool = True, own: str | None = None) -> "HostState":
+        """``own``: this e2e instance's name; other instances' netns/cgroups are ignored."""
         links = [re.sub(r"\s+", " ", ln) for ln in _run("ip", "-br", "link").splitlines()]
         addrs = _run("ip", "-br", "addr").splitlines()
         s = {
@@ -73,8 +74,9 @@ class HostState:
         }
         if kubelet_sysctls:
             s["sysctls"] = [f"{n}={sysctl(n)}" for n in KUBELET_SYSCTLS]
+        others = re.compile(r"(mpce2e-|mpc-e2e-)(?!%s(\s|$))" % re.escape(own or ""))
         for k, v in s.items():
-            s[k] = [ln for ln in v if not _OTHERS.search(ln)]
+            s[k] = [ln for ln in v if not _OTHERS.search(ln) and not others.search(ln)]
         return cls(s)
 
     def diff(self, after: "HostState") -> str:

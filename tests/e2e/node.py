@@ -296,7 +296,7 @@ class Node:
 
         try:
             self._save_state(host_before=hostcheck.HostState.capture(
-                kubelet_sysctls=not other_instances_live(self.name)).sections,
+                kubelet_sysctls=not other_instances_live(self.name), own=self.name).sections,
                 warm=(self.dir / "etcd").exists())
             if not self.pki.ca_crt.exists():
                 self._make_pki()
@@ -828,7 +828,7 @@ oom_score = 0
         if not before:
             return ""
         return hostcheck.HostState(before).diff(hostcheck.HostState.capture(
-            kubelet_sysctls=not other_instances_live(self.name)))
+            kubelet_sysctls=not other_instances_live(self.name), own=self.name))
 
 
 def _killpg(pid: int, sig: int) -> None:
