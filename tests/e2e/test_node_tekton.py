@@ -164,6 +164,11 @@ def test_build_pods_reach_ssh_hosts_inside_the_node_netns(e2e_node, e2e_kube, e2
     from . import hosts
     host = e2e_make_host()
     assert hosts.ssh(host, e2e_node, "hostname").stdout.strip() == host.name
+    # and the host reaches the node's registry (where remote builds push their images)
+    reg_ip, reg_port = REGISTRY.split(":")
+    status = host.exec(f"exec bash -c 'exec 3<>/dev/tcp/{reg_ip}/{reg_port};"
+                       " printf \"GET /v2/ HTTP/1.0\\r\\n\\r\\n\" >&3; head -1 <&3'")
+    assert status.stdout.split()[1:2] == ["200"], status
     create_taskrun(e2e_kube, e2e_namespace, {"taskSpec": {
         "results": [{"name": "banner"}],
         "steps": [{"name": "dial", "image": STEP_IMAGE, "env": [{"name": "ADDR", "value": host.address}],
@@ -172,3 +177,19 @@ def test_build_pods_reach_ssh_hosts_inside_the_node_netns(e2e_node, e2e_kube, e2
     tr = wait_taskrun_done(e2e_kube, e2e_namespace, "dial")
     assert succeeded(tr)["status"] == "True", tr["status"]
     assert results(tr) == {"banner": "SSH"}
+
+
+def test_steps_reach_the_apiserver_through_the_kubernetes_service(e2e_kube, e2e_namespace):
+    """In-cluster clients (mpc's task-runner) use kubernetes.default's ClusterIP (kube-proxy)."""
+    create_taskrun(e2e_kube, e2e_namespace, {"taskSpec": {
+        "results": [{"name": "version"}],
+        "steps": [{"name": "ask", "image": STEP_IMAGE, "script": (
+            "#!/bin/sh\nset -e\n"
+            "sa=/var/run/secrets/kubernetes.io/serviceaccount\n"
+            "wget -qO- --no-check-certificate --header \"Authorization: Bearer $(cat $sa/token)\""
+            " \"https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/version\" > /tmp/v\n"
+            "grep -o '\"gitVersion\": *\"[^\"]*\"' /tmp/v | cut -d'\"' -f4 | tr -d '\\n'"
+            " > $(results.version.path)\n")}]}}, "in-cluster")
+    tr = wait_taskrun_done(e2e_kube, e2e_namespace, "in-cluster")
+    assert succeeded(tr)["status"] == "True", tr["status"]
+    assert results(tr) == {"version": "v1.32.4"}
