@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,19 +40,23 @@ class ImageSpec:
     files: Callable[[Path], list[tuple[Path, str]]]   # gets a scratch dir, returns the files
     key_inputs: Callable[[], list[Path]]                # whose content identifies the image
     env: dict[str, str] = field(default_factory=lambda: {"PATH": "/bin:/usr/bin:/ko-app"})
+    tag: str = TAG
+    user: str = ""
+    base: Callable[[], Path] | None = None   # a rootfs tar added (unpacked) first
 
     @property
     def ref(self) -> str:
-        return f"localhost/{self.name}:{TAG}"
+        return f"localhost/{self.name}:{self.tag}"
 
     def key(self) -> str:
-        h = hashlib.sha256(f"{RECIPE_VERSION}|{self.name}|{list(self.entrypoint)}|{self.env}".encode())
+        h = hashlib.sha256(f"{RECIPE_VERSION}|{self.ref}|{list(self.entrypoint)}|{self.env}|"
+                           f"{self.user}".encode())
         for p in self.key_inputs():
             h.update(hashlib.sha256(Path(p).read_bytes()).digest())
         return h.hexdigest()[:16]
 
     def archive(self) -> Path:
-        return image_cache() / f"{self.name}-{self.key()}.tar"
+        return image_cache() / f"{self.name.replace('/', '-')}-{self.key()}.tar"
 
 
 def _pause_files(scratch: Path) -> list[tuple[Path, str]]:
@@ -113,18 +120,129 @@ def build(spec: ImageSpec, nsx: Sequence[str], workdir: Path) -> Path:
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
     try:
         files = spec.files(scratch)
+        base = spec.base() if spec.base else None
         c = run("from", "--pull=never", "--network", "none", "scratch")
         try:
+            if base:
+                run("add", c, str(base), "/")
             for src, dst in files:
                 run("copy", c, str(src) + ("/" if src.is_dir() else ""), dst)
             run("config", "--entrypoint", json.dumps(list(spec.entrypoint)), "--cmd", "",
                 "--workingdir", "/", *[a for k, v in spec.env.items() for a in ("--env", f"{k}={v}")],
-                c)
+                *(["--user", spec.user] if spec.user else []), c)
             run("commit", "-q", "--format", "oci", c, f"oci-archive:{tmp}:{spec.ref}")
         finally:
             subprocess.run([*b, "rm", c], capture_output=True)
         os.replace(tmp, out)          # atomic: concurrent sessions share the cache
+        for old in out.parent.glob(out.name.rsplit("-", 1)[0] + "-" + "?" * 16 + ".tar"):
+            if old != out:            # older builds of this image
+                old.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+# --- mpc's task-runner, offline --------------------------------------------------------
+# tasks/runner/Containerfile starts FROM docker.io python, which this machine cannot pull.
+# The e2e variant: a Debian bookworm minbase rootfs with python3 + openssh-client
+# (debootstrap once, cached; same mirror and .deb cache as the SSH-host rootfs), the
+# mpc sources, and the installed distributions mpc depends on copied from this venv
+# (CPython 3.11 on bookworm here and there, so their compiled modules load).
+RUNNER_PACKAGES = ("python3", "openssh-client")
+RUNNER_REF_NAME, RUNNER_TAG = "mpc/task-runner", "0.1"   # what tasks/mpc-*/ name
+
+
+def runner_rootfs() -> Path:
+    from tests.infra import rootfs
+    key = hashlib.sha256(f"{rootfs.SUITE}|{rootfs.MIRROR}|{RUNNER_PACKAGES}".encode()).hexdigest()[:12]
+    out = image_cache() / f"runner-rootfs-{key}.tar"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    debs = paths.cache_dir() / "rootfs" / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="mpc-runner-rootfs-") as tmp:
+        root = Path(tmp) / "root"
+        subprocess.run(["debootstrap", "--variant=minbase", f"--cache-dir={debs}",
+                        "--include=" + ",".join(RUNNER_PACKAGES), rootfs.SUITE, str(root),
+                        rootfs.MIRROR], check=True, stdout=subprocess.DEVNULL)
+        part = out.with_name(f".{out.name}.{os.getpid()}")
+        subprocess.run(["tar", "-C", str(root), "--numeric-owner",
+                        "--exclude=./var/cache/apt/archives/*.deb", "--exclude=./var/lib/apt/lists/*",
+                        "-cf", str(part), "."], check=True)
+        os.replace(part, out)
+    return out
+
+
+def _mpc_dists() -> list:
+    """The installed distributions mpc needs at run time (no extras), without mpc itself."""
+    from importlib import metadata
+    seen: dict[str, object] = {}
+    todo = ["mpc"]
+    while todo:
+        n = todo.pop()
+        k = re.sub(r"[-_.]+", "-", n).lower()
+        if k in seen:
+            continue
+        try:
+            d = metadata.distribution(n)
+        except metadata.PackageNotFoundError:   # a dependency whose marker excludes us
+            continue
+        seen[k] = d
+        todo += [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in d.requires or []
+                 if "extra ==" not in r]
+    return [d for k, d in seen.items() if k != "mpc"]
+
+
+# source folder -> package (pyproject's package-dir)
+MPC_PACKAGES = {"generator": "mpc/generator", "glue": "mpc/glue", "tasks/runner": "mpc/runner"}
+
+
+def _mpc_sources() -> list[Path]:
+    return sorted(p for src in MPC_PACKAGES for p in (paths.REPO / src).rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts)
+
+
+def _runner_files(scratch: Path) -> list[tuple[Path, str]]:
+    site = scratch / "site"
+    for d in _mpc_dists():
+        for f in d.files or []:
+            if str(f).startswith("..") or "__pycache__" in f.parts:
+                continue
+            src = Path(f.locate())
+            if src.is_file():
+                (site / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, site / f)
+    for src, pkg in MPC_PACKAGES.items():
+        shutil.copytree(paths.REPO / src, site / pkg,
+                        ignore=shutil.ignore_patterns("__pycache__", "Containerfile"))
+    bin_ = scratch / "bin"
+    bin_.mkdir()
+    for name, mod in (("mpc-runner", "mpc.runner.main"), ("mpc", "mpc.generator.cli")):
+        (bin_ / name).write_text(f"#!/bin/sh\nexec python3 -c 'import sys; from {mod} import main;"
+                                 f" sys.exit(main())' \"$@\"\n")
+        (bin_ / name).chmod(0o755)
+    # ssh refuses to run for a uid without a passwd entry ("No user exists for uid 65532")
+    etc = scratch / "etc"
+    etc.mkdir()
+    with tarfile.open(runner_rootfs()) as t:
+        for name, line in (("passwd", "nonroot:x:65532:65532:nonroot:/tmp:/bin/sh"),
+                           ("group", "nonroot:x:65532:")):
+            base = t.extractfile(f"./etc/{name}").read().decode()
+            (etc / name).write_text(base + line + "\n")
+            (etc / name).chmod(0o644)
+    return [(site, "/opt/mpc/site"), (bin_, "/usr/local/bin"),
+            (etc / "passwd", "/etc/passwd"), (etc / "group", "/etc/group")]
+
+
+def _runner_key_inputs() -> list[Path]:
+    inputs = [Path(__file__)] + _mpc_sources()
+    return inputs + [Path(d._path) / "RECORD" for d in _mpc_dists()          # noqa: SLF001
+                     if (Path(getattr(d, "_path", "/nonexistent")) / "RECORD").exists()]
+
+
+RUNNER = ImageSpec(RUNNER_REF_NAME, ["mpc-runner"], _runner_files, _runner_key_inputs,
+                   env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": "/opt/mpc/site",
+                        "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
+                   tag=RUNNER_TAG, user="65532:65532", base=runner_rootfs)

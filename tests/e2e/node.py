@@ -513,16 +513,24 @@ oom_score = 0
         """Import an oci-archive (ref name from its annotation) into the node's containerd."""
         self.ctr("images", "import", str(archive))
 
-    def _images_up(self) -> None:
-        have = set(self.ctr("images", "ls", "-q").stdout.split())
-        for spec in images.NODE_IMAGES:
-            if spec.ref in have and self.state().get("images", {}).get(spec.name) == spec.key():
-                continue
+    def ensure_image(self, spec: images.ImageSpec) -> str:
+        """Build (cached) and import ``spec`` unless containerd has this very build; its ref."""
+        key = spec.key()
+        if spec.ref in set(self.ctr("images", "ls", "-q").stdout.split()) \
+                and self.state().get("images", {}).get(spec.ref) == key:
+            return spec.ref
+        try:
             self.import_image(images.build(spec, self.nsx(), self.dir))
-            s = self.state().get("images", {})
-            s[spec.name] = spec.key()
-            self._save_state(images=s)
-        shutil.rmtree(self.dir / "buildah", ignore_errors=True)
+        finally:
+            shutil.rmtree(self.dir / "buildah", ignore_errors=True)
+        s = self.state().get("images", {})
+        s[spec.ref] = key
+        self._save_state(images=s)
+        return spec.ref
+
+    def _images_up(self) -> None:
+        for spec in images.NODE_IMAGES:
+            self.ensure_image(spec)
 
     def _registry_up(self) -> None:
         r = self.dir / "registry"
