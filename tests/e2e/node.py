@@ -678,6 +678,18 @@ oom_score = 0
         return write_kubeconfig(self.pki.dir / f"{sa}.kubeconfig", "https://127.0.0.1:6443",
                                 self.pki.ca_crt.read_bytes(), {"token": tok})
 
+    def serviceaccount_kubeconfig(self, namespace: str, name: str,
+                                  expiration: int = 3600) -> Path:
+        """A kubeconfig for this machine (through fwd) authenticating as a ServiceAccount,
+        like ``tests.infra.controlplane.Cluster.serviceaccount_kubeconfig``."""
+        from kubernetes import client
+        core = client.CoreV1Api(self.api_client())
+        tok = core.create_namespaced_service_account_token(name, namespace, client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration))).status.token
+        return write_kubeconfig(self.dir / f"sa-{namespace}-{name}.kubeconfig",
+                                f"https://127.0.0.1:{self.api_port}", self.pki.ca_crt.read_bytes(),
+                                {"token": tok})
+
     def _tekton_up(self) -> None:
         from kubernetes import client, dynamic
         api = self.api_client()

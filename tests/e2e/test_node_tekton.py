@@ -208,3 +208,11 @@ def test_mpc_task_runner_image_runs_as_a_step(e2e_node, e2e_kube, e2e_namespace)
     tr = wait_taskrun_done(e2e_kube, e2e_namespace, "runner")
     assert succeeded(tr)["status"] == "True", tr["status"]
     assert results(tr) == {"out": "ok"}
+
+
+def test_serviceaccount_kubeconfig_is_bound_by_rbac(e2e_node, e2e_namespace):
+    from kubernetes import config
+    sa = config.new_client_from_config(str(e2e_node.serviceaccount_kubeconfig(e2e_namespace, "default")))
+    with pytest.raises(client.ApiException) as exc:
+        client.CoreV1Api(sa).list_namespaced_secret(e2e_namespace)
+    assert exc.value.status == 403
