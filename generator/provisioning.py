@@ -239,7 +239,10 @@ def readme(t: TaskDef) -> str:
               "`configmaps` get (host pool), `tekton.dev/pipelineruns` get",
               "", "The admin SSH keys are Secrets in the controller namespace named by the pool.",
               "", "## Image", "",
-              f"`{RUNNER_IMAGE}`, built from `tasks/runner/Containerfile` (`make runner-image`).",
+              f"`{RUNNER_IMAGE}`: `podman build -f tasks/runner/Containerfile -t {RUNNER_IMAGE} .` "
+              "from the repository root where its Python base image can be pulled; the e2e tier "
+              "builds the same content offline (`tests/e2e/images.py`). Override the reference "
+              "with `mpc generate --runner-image REF`.",
               ""]
     return "\n".join(lines)
 
