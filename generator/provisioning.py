@@ -54,9 +54,7 @@ class TaskDef:
         return env
 
     def task(self, image: str) -> dict:
-        spec: dict = {"description": self.description, "params": [
-            {"name": p.name, "type": "string", "description": p.description}
-            | ({"default": p.default} if p.default is not None else {}) for p in self.params]}
+        spec: dict = {"description": self.description, "params": _param_specs(self.params)}
         if self.results:
             spec["results"] = [{"name": r.name, "type": "string", "description": r.description}
                                for r in self.results]
@@ -131,47 +129,43 @@ def _pass(*names: str) -> list[dict]:
     return [{"name": n, "value": f"$(params.{n})"} for n in names]
 
 
+def _param_specs(params) -> list[dict]:
+    return [{"name": p.name, "type": "string", "description": p.description}
+            | ({"default": p.default} if p.default is not None else {}) for p in params]
+
+
+def _pipeline(name: str, description: str, params, **spec) -> dict:
+    return {"apiVersion": "tekton.dev/v1", "kind": "Pipeline",
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/version": VERSION,
+                                                  "app.kubernetes.io/part-of": "mpc"}},
+            "spec": {"description": description, "params": _param_specs(params)} | spec}
+
+
 def provision_pipeline() -> dict:
-    return {
-        "apiVersion": "tekton.dev/v1", "kind": "Pipeline",
-        "metadata": {"name": contract.PROVISION_PIPELINE,
-                     "labels": {"app.kubernetes.io/version": VERSION,
-                                "app.kubernetes.io/part-of": "mpc"}},
-        "spec": {
-            "description": "Provisions a build host for one build TaskRun; if provisioning "
-                           "fails without answering, writes the error secret.",
-            "params": [{"name": p.name, "type": "string", "description": p.description}
-                       | ({"default": p.default} if p.default is not None else {})
-                       for p in (*TR_PARAMS, PLATFORM, POOL_PARAM)],
-            "results": [{"name": "outcome", "value": "$(tasks.provision.results.outcome)"}],
-            "tasks": [{"name": "provision", "taskRef": _ref(PROVISION.name), "params": _pass(
-                *contract.PIPELINE_PARAMS, "HOST_POOL")}],
-            "finally": [{
-                "name": "error-secret", "taskRef": _ref(ERROR_SECRET.name),
-                "when": [{"input": "$(tasks.provision.status)", "operator": "notin",
-                          "values": ["Succeeded"]}],
-                "params": _pass(*contract.PIPELINE_PARAMS) + [
-                    {"name": "PIPELINERUN", "value": "$(context.pipelineRun.name)"},
-                    {"name": "PROVISION_STATUS", "value": "$(tasks.provision.status)"}]}],
-        },
-    }
+    return _pipeline(
+        contract.PROVISION_PIPELINE,
+        "Provisions a build host for one build TaskRun; if provisioning fails without "
+        "answering, writes the error secret.",
+        (*TR_PARAMS, PLATFORM, POOL_PARAM),
+        results=[{"name": "outcome", "value": "$(tasks.provision.results.outcome)"}],
+        tasks=[{"name": "provision", "taskRef": _ref(PROVISION.name),
+                "params": _pass(*contract.PIPELINE_PARAMS, "HOST_POOL")}],
+        **{"finally": [{
+            "name": "error-secret", "taskRef": _ref(ERROR_SECRET.name),
+            "when": [{"input": "$(tasks.provision.status)", "operator": "notin",
+                      "values": ["Succeeded"]}],
+            "params": _pass(*contract.PIPELINE_PARAMS) + [
+                {"name": "PIPELINERUN", "value": "$(context.pipelineRun.name)"},
+                {"name": "PROVISION_STATUS", "value": "$(tasks.provision.status)"}]}]})
 
 
 def deprovision_pipeline() -> dict:
-    return {
-        "apiVersion": "tekton.dev/v1", "kind": "Pipeline",
-        "metadata": {"name": contract.DEPROVISION_PIPELINE,
-                     "labels": {"app.kubernetes.io/version": VERSION,
-                                "app.kubernetes.io/part-of": "mpc"}},
-        "spec": {
-            "description": "Releases everything one build held: user, slot, secret.",
-            "params": [{"name": p.name, "type": "string", "description": p.description}
-                       | ({"default": p.default} if p.default is not None else {})
-                       for p in (*TR_PARAMS, POOL_PARAM)],
-            "tasks": [{"name": "deprovision", "taskRef": _ref(DEPROVISION.name), "retries": 2,
-                       "params": _pass(*contract.DEPROVISION_PARAMS, "HOST_POOL")}],
-        },
-    }
+    return _pipeline(
+        contract.DEPROVISION_PIPELINE,
+        "Releases everything one build held: user, slot, secret.",
+        (*TR_PARAMS, POOL_PARAM),
+        tasks=[{"name": "deprovision", "taskRef": _ref(DEPROVISION.name), "retries": 2,
+                "params": _pass(*contract.DEPROVISION_PARAMS, "HOST_POOL")}])
 
 
 def rbac(namespace: str = "mpc") -> list[dict]:

@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from mpc.runner.buildsecret import new_keypair
 
 from . import rootfs
 from .procs import alive, wait_for
@@ -43,13 +42,8 @@ MaxSessions 50
 
 
 def keypair() -> tuple[bytes, str]:
-    """A fresh ed25519 key: (OpenSSH private key bytes, public key line)."""
-    k = ed25519.Ed25519PrivateKey.generate()
-    priv = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                           serialization.NoEncryption())
-    pub = k.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                      serialization.PublicFormat.OpenSSH).decode()
-    return priv, pub
+    """A fresh ed25519 key: (OpenSSH private key bytes, public key line), as mpc makes them."""
+    return new_keypair()
 
 
 @dataclass
