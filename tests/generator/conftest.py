@@ -66,6 +66,24 @@ def build_host(make_host, tmp_path) -> BuildHost:
 
 
 @pytest.fixture
+def sudo_build_host(make_host, tmp_path) -> BuildHost:
+    """A host where rootless podman cannot work for the build user, so the admin
+    granted `sudo podman`: the wrapper's fallback path. (Rootless is broken for
+    this user only, by a storage driver podman does not have in its config.)"""
+    h = make_host()
+    key = add_build_user(h, BUILD_USER, tmp_path, sudo_podman=True)
+    h.exec(f"""set -e
+d=/home/{BUILD_USER}/.config/containers
+mkdir -p "$d"
+printf '[storage]\\ndriver = "no-such-driver"\\n' > "$d/storage.conf"
+chown -R {BUILD_USER}: /home/{BUILD_USER}/.config""")
+    # root's image store: `sudo podman` pulls (here: imports) there
+    h.exec(IMPORT_STEP_IMAGE.replace("| su - {user} -s /bin/bash -c", "| sh -c")
+           .format(user=BUILD_USER), timeout=300)
+    return BuildHost(h, BUILD_USER, key)
+
+
+@pytest.fixture
 def pod_rootfs(host_farm) -> Path:
     """The extracted SSH-host rootfs: the pod's root (lower dir of an overlay)."""
     host_farm._extract()

@@ -1,8 +1,9 @@
 """The generated wrapper, run for real: pod side here, build on an SSH test host.
 
 The checked-in buildah-remote Task's build step runs in a pod (podsim) with
-the secret's keys; the original buildah script builds on the host in podman
-(rootful through the build user's sudo rule, see conftest); the image comes
+the secret's keys; the original buildah script builds on the host in the build
+user's rootless podman (or, where that cannot run, root's through a sudo rule);
+the image comes
 back as an OCI layout, the unchanged push step pushes it to the registry from
 the pod, and the test pulls it and looks inside.
 """
@@ -83,6 +84,31 @@ def test_remote_build_on_ssh_host_then_push_from_pod(build_host, pod_rootfs, reg
     config, files = pulled(registry, tagged, tmp_path / "pulled")
     assert files["hello.txt"] == marker.encode()
     assert config["config"]["Labels"]["greeting"] == "hello 'remote' world"
+
+
+def test_sudo_podman_fallback_when_rootless_cannot_run(sudo_build_host, pod_rootfs, registry,
+                                                       tmp_path):
+    bh = sudo_build_host
+    task = yaml.safe_load(REMOTE_TASK.read_text())
+    marker = uuid.uuid4().hex
+    image = f"{registry.address}/mpc-test/sudo:v1"
+    pod = new_pod(tmp_path, pod_rootfs, task, bh.secret(tmp_path / "secret"), IMAGE=image,
+                  TLSVERIFY="false", BUILDER_IMAGE=STEP_IMAGE, PLATFORM="linux/amd64")
+    (pod.ws_dirs["source"] / "Containerfile").write_text(CONTAINERFILE)
+    (pod.ws_dirs["source"] / "hello.txt").write_text(marker)
+    # rootless really is impossible for this user here
+    assert bh.host.ssh("podman unshare true", user=bh.user, key=bh.key, check=False).returncode != 0
+
+    build = pod.run("build")
+    assert build.returncode == 0, build.stderr[-4000:]
+    # root's podman (through the sudo rule) ran the step image, not the user's
+    root_events = bh.host.exec("podman events --stream=false --filter event=start "
+                               "--format '{{.Image}}'", check=False).stdout
+    assert STEP_IMAGE in root_events
+    assert STEP_IMAGE not in host_events(bh)
+    assert pod.run("push").returncode == 0
+    _, files = pulled(registry, image, tmp_path / "pulled")
+    assert files["hello.txt"] == marker.encode()
 
 
 def test_error_secret_fails_fast_with_its_message(pod_rootfs, tmp_path):
