@@ -120,3 +120,18 @@ def test_secret_is_owned_by_the_build_and_garbage_collected(controller, kube, na
     assert sec.metadata.labels[contract.LABEL_MANAGED] == contract.MANAGED_VALUE
     (ref,) = sec.metadata.owner_references
     assert (ref.kind, ref.name, ref.uid) == ("TaskRun", tr["metadata"]["name"], tr["metadata"]["uid"])
+
+
+def test_configured_limits_apply_to_the_build_user(controller, kube, namespace, make_host,
+                                                  tmp_path):
+    h = make_host()
+    controller.install_pool([h], **{f"host_{h.name}": {"limits": {"nproc": 777, "nofile": 555}}})
+    tr = make_taskrun(kube, namespace)
+    controller.provision(tr)
+    s = read_secret(kube, tr)
+    user = s["host"].split("@")[0]
+    out = login(s, tmp_path, "ulimit -Hu; ulimit -Hn")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["777", "555"]     # pam_limits applied at login
+    controller.deprovision(tr)
+    assert h.exec(f"test -e /etc/security/limits.d/mpc-{user}.conf", check=False).returncode == 1
