@@ -135,3 +135,21 @@ def test_configured_limits_apply_to_the_build_user(controller, kube, namespace, 
     assert out.stdout.split() == ["777", "555"]     # pam_limits applied at login
     controller.deprovision(tr)
     assert h.exec(f"test -e /etc/security/limits.d/mpc-{user}.conf", check=False).returncode == 1
+
+
+def test_build_key_allows_no_forwarding(controller, kube, namespace, make_host, tmp_path):
+    h = make_host()
+    controller.install_pool([h])
+    tr = make_taskrun(kube, namespace)
+    controller.provision(tr)
+    s = read_secret(kube, tr)
+    ok = login(s, tmp_path, "echo in")
+    assert ok.returncode == 0 and ok.stdout.strip() == "in"
+    key = tmp_path / "id_rsa"
+    fwd = subprocess.run(
+        ["ssh", "-F", "/dev/null", "-i", str(key), "-o", "BatchMode=yes",
+         "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}",
+         "-o", "ExitOnForwardFailure=yes", "-L", "127.0.0.1:0:127.0.0.1:22", s["host"], "true"],
+        capture_output=True, text=True, timeout=30)
+    assert fwd.returncode != 0
+    assert "forwarding" in fwd.stderr.lower() or "prohibited" in fwd.stderr.lower(), fwd.stderr
