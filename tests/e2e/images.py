@@ -246,3 +246,35 @@ RUNNER = ImageSpec(RUNNER_REF_NAME, ["mpc-runner"], _runner_files, _runner_key_i
                    env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": "/opt/mpc/site",
                         "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
                    tag=RUNNER_TAG, user="65532:65532", base=runner_rootfs)
+
+
+# --- the builder image of buildah-remote, offline -----------------------------------------
+# buildah-remote runs BUILDER_IMAGE twice: in the pod (the wrapper needs bash, ssh, rsync and
+# buildah to load the image the host built; the push step needs buildah) and on the build
+# host, where the build user's rootless podman runs it (bash + buildah). The SSH-host rootfs
+# (tests/infra/rootfs.py: Debian bookworm with openssh, rsync, buildah, podman) has all of
+# it, so the image is that rootfs, unpacked once from its .tar.zst.
+def builder_rootfs() -> Path:
+    from tests.infra import rootfs
+    src = rootfs.ensure_rootfs()
+    out = image_cache() / f"builder-rootfs-{rootfs.cache_key()}.tar"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f".{out.name}.{os.getpid()}")
+    try:
+        subprocess.run(["zstd", "-d", "-q", "-f", "-o", str(part), str(src)], check=True)
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
+    return out
+
+
+def _builder_key_inputs() -> list[Path]:
+    from tests.infra import rootfs
+    return [Path(rootfs.__file__)]   # the rootfs tarball is keyed by rootfs.py's recipe
+
+
+BUILDER = ImageSpec("mpc/e2e-builder", ["/bin/bash"], lambda _s: [], _builder_key_inputs,
+                    env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+                    base=builder_rootfs)

@@ -1,0 +1,516 @@
+"""mpc end to end on the real node (issue 7): a remote build from PipelineRun to cleanup.
+
+Everything is the shipped artefact, installed the way a cluster admin would:
+the bundles pushed by ``mpc bundles push`` into the node's registry (the
+watcher's PipelineRuns and the build resolve them with ``resolver: bundles``),
+``glue/deploy/base`` (minus its Deployment: the watcher runs here as a process
+with its own ServiceAccount's token) and ``tasks/kustomization.yaml`` in
+namespace ``mpc``, a host pool of two real SSH hosts serving ``linux/arm64``.
+The build is a PipelineRun whose ``build`` task is ``buildah-remote`` from its
+bundle. Evidence comes from the API (watch streams keep every state, since the
+watcher deletes successful runs at once), from the hosts themselves
+(``host.exec``) and from the registry.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client, watch
+
+from mpc.runner import contract as c
+from tests.infra.paths import REPO
+
+from . import hosts as e2e_hosts
+from . import images
+from .node import REGISTRY
+
+pytestmark = pytest.mark.e2e
+
+NS = "mpc"                       # the generated mpc-tasks RBAC names it
+PLATFORM = "linux/arm64"
+TIMEOUT = float(os.environ.get("MPC_E2E_MPC_TIMEOUT", "600"))   # shared machine: generous, never asserted
+BIN = Path(sys.executable).parent
+KUBECTL, MPC, GLUE = str(BIN / "kubectl"), str(BIN / "mpc"), str(BIN / "mpc-glue")
+BUSYBOX = images.BUSYBOX.ref
+
+
+def _co(kube) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(kube)
+
+
+def _ts(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def _cond(obj: dict) -> dict:
+    for cond in (obj.get("status") or {}).get("conditions") or ():
+        if cond.get("type") == "Succeeded":
+            return cond
+    return {}
+
+
+def wait_for(what: str, check, timeout: float = TIMEOUT, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = check()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+# --- the installation ------------------------------------------------------------------
+
+@dataclass
+class Install:
+    node: object
+    kube: client.ApiClient
+    hosts: list
+    bundles: dict[str, str]          # bundle name -> pinned ref
+    builder_image: str               # BUILDER_IMAGE: in the node's registry
+    glue_log: Path
+    glue: subprocess.Popen | None = None
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        r = subprocess.run([KUBECTL, "--kubeconfig", str(self.node.kubeconfig), *args],
+                           input=input, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, f"kubectl {' '.join(args)}: {r.stderr}"
+        return r.stdout
+
+    def slots(self) -> list[str]:
+        return [lease.metadata.name for lease in client.CoordinationV1Api(self.kube)
+                .list_namespaced_lease(NS, label_selector=f"{c.LABEL_ROLE}=slot").items]
+
+    def build_users(self) -> dict[str, list[str]]:
+        return {h.name: [u for u in h.users() if c.USER_RE.match(u)] for h in self.hosts}
+
+    def build_dirs(self) -> dict[str, list[str]]:
+        out = {}
+        for h in self.hosts:
+            r = h.exec("ls -d /home/u-*/mpc-build 2>/dev/null || true", check=False)
+            out[h.name] = r.stdout.split()
+        return out
+
+
+def _push_builder(node, spec: images.ImageSpec) -> str:
+    """The builder image in the node's containerd and in its registry, under one name."""
+    node.ensure_image(spec)
+    ref = f"{REGISTRY}/e2e/builder:{spec.key()}"
+    node.ctr("images", "tag", "--force", spec.ref, ref)
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                    f"oci-archive:{spec.archive()}:{spec.ref}",
+                    f"docker://{node.registry_host}/e2e/builder:{spec.key()}"],
+                   check=True, capture_output=True, timeout=300)
+    return ref
+
+
+def _push_bundles(node, lock: Path) -> dict[str, str]:
+    """``mpc bundles push`` from inside the node's netns: refs name 10.200.0.1:5000."""
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{node.netns}", MPC, "bundles", "push",
+                        "--registry", f"{REGISTRY}/mpc", "--version", "e2e", "--lock", str(lock)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return {name: b["ref"] for name, b in yaml.safe_load(lock.read_text())["bundles"].items()}
+
+
+def _delete_namespace(kube, name: str) -> None:
+    core = client.CoreV1Api(kube)
+    try:
+        core.delete_namespace(name)
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(name)
+        except client.ApiException as e:
+            return e.status == 404
+        return False
+    wait_for(f"namespace {name} gone", gone, timeout=180)
+
+
+PREPARE_HOST = f"""\
+set -e
+# the node's registry speaks plain HTTP (RFC 1918 address): the build user's podman pulls from it
+mkdir -p /etc/containers/registries.conf.d
+cat > /etc/containers/registries.conf.d/50-mpc-e2e.conf <<'EOF'
+[[registry]]
+location = "{REGISTRY}"
+insecure = true
+EOF
+"""
+
+
+@pytest.fixture(scope="module")
+def mpc(e2e_node, e2e_kube, host_farm, tmp_path_factory):
+    t0 = time.monotonic()
+    work = tmp_path_factory.mktemp("mpc-e2e")
+    e2e_node.ensure_image(images.RUNNER)             # what tasks/mpc-* name
+    builder = _push_builder(e2e_node, images.BUILDER)
+    bundles = _push_bundles(e2e_node, work / "bundles.lock.yaml")
+    t_images = time.monotonic() - t0
+
+    _delete_namespace(e2e_kube, NS)                  # a warm node may keep an older run's
+    inst = Install(e2e_node, e2e_kube, [], bundles, builder, work / "mpc-glue.log")
+    base = [d for d in yaml.safe_load_all(inst.kubectl("kustomize", str(REPO / "glue/deploy/base")))
+            if d and d["kind"] not in ("Deployment", "ConfigMap")]   # our pool replaces the example
+    inst.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(base))
+    inst.kubectl("apply", "--server-side", "-n", NS, "-k", str(REPO / "tasks"))
+
+    hosts = []
+    try:
+        for _ in range(2):
+            h = e2e_hosts.move_into_node(host_farm.add(), e2e_node)
+            hosts.append(h)
+            h.exec(PREPARE_HOST)
+        inst.hosts = hosts
+        core = client.CoreV1Api(e2e_kube)
+        entries = []
+        for h in hosts:
+            core.create_namespaced_secret(NS, client.V1Secret(
+                metadata=client.V1ObjectMeta(name=f"admin-{h.name}"),
+                data={"id_rsa": base64.b64encode(h.admin_key).decode()}))
+            entries.append({"name": h.name, "address": h.address, "user": h.admin_user,
+                            "secret": f"admin-{h.name}", "platform": PLATFORM, "concurrency": 1,
+                            "hostKey": h.host_public_key})
+        core.create_namespaced_config_map(NS, client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name=c.HOST_POOL_CONFIGMAP),
+            data={c.POOL_KEY: yaml.safe_dump({"hosts": entries})}))
+
+        kubeconfig = e2e_node.serviceaccount_kubeconfig(NS, c.WATCHER_SERVICE_ACCOUNT)
+        env = dict(os.environ, MPC_GLUE_PIPELINE_BUNDLE=bundles["pipeline-mpc-provisioning"],
+                   MPC_GLUE_SWEEP_BUNDLE=bundles["task-mpc-sweep"])
+        env.pop("KUBECONFIG", None)
+        with open(inst.glue_log, "ab") as log:
+            inst.glue = subprocess.Popen(
+                [GLUE, "--kubeconfig", str(kubeconfig), "--namespace", NS,
+                 "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--gc-interval", "1s",
+                 "--sweep-interval", "0", "--log-level", "debug"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        print(f"\nmpc e2e install: images+bundles {t_images:.1f} s, "
+              f"total {time.monotonic() - t0:.1f} s; glue log {inst.glue_log}")
+        yield inst
+    finally:
+        if inst.glue is not None:
+            os.killpg(inst.glue.pid, signal.SIGTERM)
+            try:
+                inst.glue.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(inst.glue.pid, signal.SIGKILL)
+                inst.glue.wait()
+            if inst.glue_log.exists():
+                print("--- mpc-glue log (tail)\n" + "\n".join(
+                    inst.glue_log.read_text(errors="replace").splitlines()[-40:]))
+        for h in hosts:
+            h.destroy()
+        _delete_namespace(e2e_kube, NS)
+        for kind, name in {(d["kind"], d["metadata"]["name"]) for d in base
+                           if d["kind"] in ("ClusterRole", "ClusterRoleBinding")}:
+            inst.kubectl("delete", kind.lower(), name, "--ignore-not-found")
+
+
+# --- evidence recorders -----------------------------------------------------------------
+
+@dataclass
+class Recorder:
+    """Keeps what the API and the hosts showed while a build ran (threads)."""
+
+    inst: Install
+    build_ns: str
+    events: list = field(default_factory=list)       # (kind, type, obj)
+    host_seen: list = field(default_factory=list)    # (monotonic, host, path)
+    secrets: dict = field(default_factory=dict)      # name -> (created, data)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list = field(default_factory=list)
+    _watches: list = field(default_factory=list)
+
+    def start(self) -> "Recorder":
+        co = _co(self.inst.node.api_client())
+        for kind, ns, plural in (("pr", NS, "pipelineruns"), ("tr", self.build_ns, "taskruns")):
+            self._threads.append(threading.Thread(
+                target=self._watch, args=(kind, co.list_namespaced_custom_object,
+                                          ("tekton.dev", "v1", ns, plural)), daemon=True))
+        self._threads.append(threading.Thread(target=self._poll, daemon=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _watch(self, kind, fn, args) -> None:
+        rv = None
+        while not self._stop.is_set():
+            w = watch.Watch()
+            self._watches.append(w)
+            try:
+                for ev in w.stream(fn, *args, timeout_seconds=30,
+                                   **({"resource_version": rv} if rv else {})):
+                    obj = ev["object"]
+                    rv = obj["metadata"]["resourceVersion"]
+                    self.events.append((kind, ev["type"], obj))
+                    if self._stop.is_set():
+                        break
+            except Exception:   # noqa: BLE001 - e.g. 410 Gone: list again
+                rv = None
+                time.sleep(0.2)
+
+    def _poll(self) -> None:
+        core = client.CoreV1Api(self.inst.node.api_client())
+        while not self._stop.is_set():
+            for s in core.list_namespaced_secret(self.build_ns).items:
+                if s.metadata.name.startswith(c.SECRET_PREFIX) and s.metadata.name not in self.secrets:
+                    self.secrets[s.metadata.name] = (s.metadata.creation_timestamp, {
+                        k: base64.b64decode(v).decode(errors="replace")
+                        for k, v in (s.data or {}).items() if k != c.KEY_PRIVATE_KEY})
+            for hname, paths in self.inst.build_dirs().items():
+                for p in paths:
+                    self.host_seen.append((time.monotonic(), hname, p))
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for w in self._watches:
+            w.stop()
+
+    def runs(self, kind: str, role: str | None = None) -> dict[str, list[dict]]:
+        """name -> every state seen, in order."""
+        out: dict[str, list[dict]] = {}
+        for k, _type, obj in list(self.events):
+            if k != kind:
+                continue
+            if role and (obj["metadata"].get("labels") or {}).get(c.LABEL_ROLE) != role:
+                continue
+            out.setdefault(obj["metadata"]["name"], []).append(obj)
+        return out
+
+
+# --- builds ------------------------------------------------------------------------------
+
+def make_workspace(inst: Install, ns: str) -> str:
+    """A PVC bound to a static hostPath PV on the node: the source task writes, the build reads."""
+    core = client.CoreV1Api(inst.kube)
+    pv = f"{ns}-src"
+    core.create_persistent_volume({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+        "spec": {"capacity": {"storage": "64Mi"}, "accessModes": ["ReadWriteOnce"],
+                 "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "mpc-e2e-static",
+                 "hostPath": {"path": f"/var/lib/mpc-e2e-src/{ns}", "type": "DirectoryOrCreate"},
+                 "claimRef": {"namespace": ns, "name": "src"}}})
+    core.create_namespaced_persistent_volume_claim(ns, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "src"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "mpc-e2e-static",
+                 "volumeName": pv, "resources": {"requests": {"storage": "64Mi"}}}})
+    return pv
+
+
+def drop_workspace(inst: Install, ns: str) -> None:
+    try:
+        client.CoreV1Api(inst.kube).delete_persistent_volume(f"{ns}-src")
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
+    inst.node.exec(["rm", "-rf", f"/var/lib/mpc-e2e-src/{ns}"], check=False)
+
+
+def start_build(inst: Install, ns: str, name: str, platform: str, image: str, content: str,
+                workspace: str = "pvc") -> dict:
+    bind = ({"name": "src", "persistentVolumeClaim": {"claimName": "src"}} if workspace == "pvc"
+            else {"name": "src", "emptyDir": {}})
+    body = {"apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "params": [{"name": "PLATFORM", "value": platform}],
+                "workspaces": [bind],
+                "pipelineSpec": {
+                    "params": [{"name": "PLATFORM", "type": "string"}],
+                    "workspaces": [{"name": "src"}],
+                    "tasks": [
+                        {"name": "source", "workspaces": [{"name": "out", "workspace": "src"}],
+                         "taskSpec": {"workspaces": [{"name": "out"}], "steps": [{
+                             "name": "write", "image": BUSYBOX,
+                             "env": [{"name": "CONTENT", "value": content}],
+                             "script": "#!/bin/sh\nset -e\ncd $(workspaces.out.path)\n"
+                                       "printf '%s\\n' \"$CONTENT\" > hello.txt\n"
+                                       "printf 'FROM scratch\\nCOPY hello.txt /hello.txt\\n'"
+                                       " > Containerfile\n"}]}},
+                        {"name": "build", "runAfter": ["source"],
+                         "taskRef": {"resolver": "bundles", "params": [
+                             {"name": "bundle", "value": inst.bundles["task-buildah-remote"]},
+                             {"name": "name", "value": "buildah-remote"},
+                             {"name": "kind", "value": "task"}]},
+                         "workspaces": [{"name": "source", "workspace": "src"}],
+                         "params": [{"name": "IMAGE", "value": image},
+                                    {"name": "TLSVERIFY", "value": "false"},
+                                    {"name": "BUILDER_IMAGE", "value": inst.builder_image},
+                                    {"name": "PLATFORM", "value": "$(params.PLATFORM)"}]}]}}}
+    return _co(inst.kube).create_namespaced_custom_object("tekton.dev", "v1", ns, "pipelineruns", body)
+
+
+def get(inst: Install, ns: str, plural: str, name: str) -> dict | None:
+    try:
+        return _co(inst.kube).get_namespaced_custom_object("tekton.dev", "v1", ns, plural, name)
+    except client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def wait_done(inst: Install, ns: str, plural: str, name: str) -> dict:
+    return wait_for(f"{plural} {ns}/{name} done", lambda: (
+        (o := get(inst, ns, plural, name)) and _cond(o).get("status") in ("True", "False") and o))
+
+
+def secret_exists(inst: Install, ns: str, name: str) -> bool:
+    try:
+        client.CoreV1Api(inst.kube).read_namespaced_secret(name, ns)
+        return True
+    except client.ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+
+
+def step_log(inst: Install, ns: str, tr: dict, step: str) -> str:
+    return client.CoreV1Api(inst.kube).read_namespaced_pod_log(
+        tr["status"]["podName"], ns, container=f"step-{step}")
+
+
+def image_file(inst: Install, repo_tag: str, path: str, work: Path) -> str:
+    """Copy the image out of the registry (this machine's side of it) and read ``path``."""
+    d = work / "img"
+    subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false",
+                    f"docker://{inst.node.registry_host}/{repo_tag}", f"dir:{d}"],
+                   check=True, capture_output=True, timeout=120)
+    manifest = json.loads((d / "manifest.json").read_text())
+    for layer in manifest["layers"]:
+        blob = d / layer["digest"].split(":", 1)[1]
+        with tarfile.open(fileobj=io.BytesIO(blob.read_bytes())) as t:
+            for m in t.getmembers():
+                if m.name.lstrip("./") == path.lstrip("/"):
+                    return t.extractfile(m).read().decode()
+    raise AssertionError(f"{path} not in {repo_tag}: layers {manifest['layers']}")
+
+
+# --- the tests ---------------------------------------------------------------------------
+
+def test_remote_build_from_pipelinerun_to_cleanup(mpc, e2e_namespace, tmp_path):
+    t_start = time.monotonic()
+    ns, inst = e2e_namespace, mpc
+    make_workspace(inst, ns)
+    content = f"built by mpc on {PLATFORM} {uuid.uuid4().hex}"
+    image = f"{REGISTRY}/e2e/hello:{ns}"
+    rec = Recorder(inst, ns).start()
+    try:
+        pr = start_build(inst, ns, "hello", PLATFORM, image, content)
+        t_created = time.monotonic()
+        pr = wait_done(inst, ns, "pipelineruns", "hello")
+        t_done = time.monotonic()
+        tr_name = "hello-build"
+        secret = c.secret_name(tr_name)
+        tr = get(inst, ns, "taskruns", tr_name)
+        assert _cond(tr).get("status") == "True", (_cond(tr), step_log(inst, ns, tr, "build")
+                                                   if tr.get("status", {}).get("podName") else "")
+        assert _cond(pr).get("status") == "True", _cond(pr)
+        uid = tr["metadata"]["uid"]
+
+        # then: deprovisioning ran; user, slot, secret and finalizer are gone
+        wait_for("the finalizer removed", lambda: not c.FINALIZER in (
+            get(inst, ns, "taskruns", tr_name)["metadata"].get("finalizers") or ()))
+        wait_for("the deprovisioning run succeeded", lambda: any(
+            _cond(s).get("status") == "True"
+            for s in rec.runs("pr", "deprovision").get(c.deprovision_run_name(uid), [])))
+        t_clean = time.monotonic()
+    finally:
+        rec.stop()
+    assert not inst.slots()
+    assert inst.build_users() == {h.name: [] for h in inst.hosts}
+    assert not secret_exists(inst, ns, secret)
+
+    # the watcher finalized the build TaskRun (and only the build: not the source task)
+    trs = rec.runs("tr")
+    assert any(c.FINALIZER in (o["metadata"].get("finalizers") or ()) for o in trs[tr_name])
+    assert not any(c.FINALIZER in (o["metadata"].get("finalizers") or ())
+                   for o in trs.get("hello-source", []))
+    # a provisioning PipelineRun succeeded, its pipeline resolved from the bundle
+    prov = rec.runs("pr", "provision")[c.provision_run_name(uid)]
+    assert _cond(prov[-1]).get("status") == "True", _cond(prov[-1])
+    assert prov[0]["spec"]["pipelineRef"]["resolver"] == "bundles"
+    # the build pod started once the secret appeared
+    created, data = rec.secrets[secret]
+    user, address = data[c.KEY_HOST].split("@")
+    steps = {s["name"]: s for s in tr["status"]["steps"]}
+    build_started = _ts(steps["build"]["terminated"]["startedAt"])
+    assert created <= build_started, (created, build_started)
+    # the build ran on the SSH host: its user's build dir existed there during the run
+    host = next(h for h in inst.hosts if h.address == address)
+    seen = {(hn, p) for _t, hn, p in rec.host_seen}
+    assert (host.name, f"{data[c.KEY_USER_DIR]}/mpc-build") in seen, (seen, data)
+    assert data[c.KEY_USER_DIR] == f"/home/{user}" and c.USER_RE.match(user)
+    assert f"built on {user}@{address}" in step_log(inst, ns, tr, "build") or \
+        f"building on {user}@{address}" in step_log(inst, ns, tr, "build")
+    # the image is in the registry with the expected content
+    results = {r["name"]: r["value"] for r in tr["status"]["results"]}
+    assert results["IMAGE_URL"] == image and results["IMAGE_DIGEST"].startswith("sha256:")
+    assert image_file(inst, f"e2e/hello:{ns}", "/hello.txt", tmp_path) == content + "\n"
+    drop_workspace(inst, ns)
+
+    pr_created = _ts(pr["metadata"]["creationTimestamp"])
+    print(f"\nFIGURES remote build: PipelineRun created -> build step started "
+          f"{(build_started - pr_created).total_seconds():.0f} s (API timestamps, 1 s resolution); "
+          f"first build dir seen on the host {min(t for t, *_ in rec.host_seen) - t_created:.1f} s "
+          f"after create; PipelineRun done {t_done - t_created:.1f} s; "
+          f"cleaned up {t_clean - t_done:.1f} s later; test total {time.monotonic() - t_start:.1f} s")
+
+
+def test_platform_without_a_host_fails_fast_with_the_reason_in_the_log(mpc, e2e_namespace):
+    ns, inst = e2e_namespace, mpc
+    t0 = time.monotonic()
+    start_build(inst, ns, "nohost", "linux/s390x", f"{REGISTRY}/e2e/never:{ns}", "x",
+                workspace="emptyDir")
+    pr = wait_done(inst, ns, "pipelineruns", "nohost")
+    took = time.monotonic() - t0
+    tr = get(inst, ns, "taskruns", "nohost-build")
+    assert _cond(pr).get("status") == "False" and _cond(tr).get("status") == "False"
+    log = step_log(inst, ns, tr, "build")
+    assert "mpc: no build host was provisioned for platform linux/s390x" in log, log
+    assert "linux/s390x" in log.split("provisioned for platform", 1)[1].split("\n", 1)[1], log
+    steps = {s["name"]: s["terminated"] for s in tr["status"]["steps"]}
+    assert steps["build"]["exitCode"] == 1 and steps["push"]["reason"] != "Completed"
+    wait_for("the finalizer removed", lambda: not c.FINALIZER in (
+        get(inst, ns, "taskruns", "nohost-build")["metadata"].get("finalizers") or ()))
+    assert not secret_exists(inst, ns, c.secret_name("nohost-build"))
+    print(f"\nFIGURES no-host build failed {took:.1f} s after create; log:\n{log}")
+
+
+def test_deleting_the_pipelinerun_mid_build_leaves_nothing_on_the_hosts(mpc, e2e_namespace):
+    ns, inst = e2e_namespace, mpc
+    make_workspace(inst, ns)
+    start_build(inst, ns, "doomed", PLATFORM, f"{REGISTRY}/e2e/doomed:{ns}", "doomed")
+    found = wait_for("the build running on a host",
+                     lambda: [p for ps in inst.build_dirs().values() for p in ps], interval=0.3)
+    _co(inst.kube).delete_namespaced_custom_object("tekton.dev", "v1", ns, "pipelineruns", "doomed")
+
+    def all_gone():
+        return (get(inst, ns, "pipelineruns", "doomed") is None
+                and get(inst, ns, "taskruns", "doomed-build") is None
+                and not inst.slots()
+                and inst.build_users() == {h.name: [] for h in inst.hosts})
+    wait_for("the build, its users and slots gone", all_gone)
+    assert inst.build_dirs() == {h.name: [] for h in inst.hosts}, found
+    assert not secret_exists(inst, ns, c.secret_name("doomed-build"))
+    drop_workspace(inst, ns)
