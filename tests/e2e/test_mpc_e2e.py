@@ -483,7 +483,7 @@ def test_remote_build_from_pipelinerun_to_cleanup(mpc, e2e_namespace, tmp_path):
           f"build step started {(build_started - tr_created).total_seconds():.0f} s (allocation + "
           f"provisioning; the provisioning PipelineRun took {prov_took:.0f} s, secret written -> "
           f"build step started {(build_started - created).total_seconds():.0f} s: the kubelet's "
-          f"volume-mount retry) (API timestamps, "
+          f"volume-mount retry and the pod start) (API timestamps, "
           f"1 s resolution); "
           f"first build dir seen on the host {min(t for t, *_ in rec.host_seen) - t_created:.1f} s "
           f"after create; PipelineRun done {t_done - t_created:.1f} s; "
