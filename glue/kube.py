@@ -35,12 +35,8 @@ class ApiError(Exception):
 
     @property
     def conflict(self) -> bool:
-        """409, or 422 from a failed JSON-patch ``test`` op (the object changed under us)."""
-        if self.status == 409:
-            return True
-        if self.status == 422 and isinstance(self.body, dict):
-            return "test" in (self.body.get("message") or "").lower()
-        return False
+        """The object changed under us (``Kube.json_patch`` maps a failed guard to 409)."""
+        return self.status == 409
 
 
 def load_api_client(kubeconfig: str | None = None) -> k8s.ApiClient:
@@ -153,7 +149,25 @@ class Kube:
             raise
 
     def json_patch(self, p: str, ops: list[dict]) -> dict:
-        return self.request("PATCH", p, body=ops, content_type=JSON_PATCH)
+        """JSON patch; a failed leading ``test`` of resourceVersion is reported as 409.
+
+        The API server answers a failed ``test`` op with a bare 422 ("the server
+        rejected our request due to an error in our request"), which names
+        neither the op nor the field; re-reading tells a stale version apart
+        from a really invalid patch.
+        """
+        try:
+            return self.request("PATCH", p, body=ops, content_type=JSON_PATCH)
+        except ApiError as e:
+            guard = ops[0] if ops and ops[0].get("op") == "test" \
+                and ops[0].get("path") == "/metadata/resourceVersion" else None
+            if e.status != 422 or guard is None:
+                raise
+            current = self.get(p)
+            if current is not None and \
+                    current.get("metadata", {}).get("resourceVersion") == guard.get("value"):
+                raise
+            raise ApiError(409, "Conflict", {"message": "object changed since it was read"}) from e
 
     def merge_patch(self, p: str, body: dict) -> dict:
         return self.request("PATCH", p, body=body, content_type=MERGE_PATCH)
