@@ -40,6 +40,3 @@ class Kube:
                 return None
             raise
 
-
-def is_status(e: BaseException, *codes: int) -> bool:
-    return isinstance(e, client.ApiException) and e.status in codes

@@ -44,7 +44,6 @@ class Session:
     """Credentials for one host, written to a private temp dir for the ssh client."""
 
     host: Host
-    admin_key: bytes
     dir: Path
     round_trips: int = 0
 
@@ -104,7 +103,7 @@ class open_session:  # noqa: N801 - used as a context manager, reads like a func
         key.write_bytes(self.admin_key if self.admin_key.endswith(b"\n") else self.admin_key + b"\n")
         key.chmod(0o600)
         (d / "known_hosts").write_text((self.host.known_hosts_line or "") + "\n")
-        return Session(self.host, self.admin_key, d)
+        return Session(self.host, d)
 
     def __exit__(self, *exc) -> None:
         self._tmp.cleanup()

@@ -23,7 +23,7 @@ from kubernetes import client
 
 from . import contract
 from .hostpool import Host
-from .kube import Kube, is_status
+from .kube import Kube
 
 WAITER_STALE_SECONDS = 30
 ALIVE_CHECK_SECONDS = 3

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mpc.generator import buildah_remote as br
-from tests.generator.conftest import STEP_IMAGE, build_host, pod_rootfs  # noqa: F401 (fixtures)
+from tests.generator.conftest import STEP_IMAGE
 from tests.generator.podsim import Pod
 from tests.generator.test_buildah_remote_run import CONTAINERFILE, REMOTE_TASK
 

@@ -19,7 +19,7 @@ from mpc.runner.hostpool import Host
 from mpc.runner.kube import Kube
 from mpc.runner.provision import Request, provision
 from mpc.runner.slots import Holder, Slots
-from tests.provisioning.conftest import controller, make_taskrun  # noqa: F401 - fixture
+from tests.provisioning.conftest import make_taskrun
 
 pytestmark = pytest.mark.bench
 
@@ -29,7 +29,7 @@ def pct(values, q):
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def test_provisioning_latency_and_round_trips(controller, kube, namespace, make_host):  # noqa: F811
+def test_provisioning_latency_and_round_trips(controller, kube, namespace, make_host):
     h = make_host()
     controller.install_pool([h], concurrency=4)
     tk = Kube(kconfig.new_client_from_config(str(controller.kubeconfig), persist_config=False))
@@ -56,7 +56,7 @@ def test_provisioning_latency_and_round_trips(controller, kube, namespace, make_
     print(f"SSH connections per provision: {statistics.mean(trips):.1f} (one remote script)")
 
 
-def test_slot_allocation_rate_with_200_racers(controller):  # noqa: F811
+def test_slot_allocation_rate_with_200_racers(controller):
     tk = Kube(kconfig.new_client_from_config(str(controller.kubeconfig), persist_config=False))
     hosts = [Host(name=f"h{i}", address=f"10.0.0.{i}", user="admin", secret="k",
                   platform="linux/arm64", concurrency=5) for i in range(20)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.bundles.conftest import REPO, Catalog, mpc, task
+from tests.bundles.conftest import Catalog, mpc, task
 from tests.bundles.test_repo import catalog
 
 KUBECTL = str(Path(sys.executable).parent / "kubectl")

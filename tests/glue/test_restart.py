@@ -3,7 +3,6 @@ it): a restarted watcher reaches the same end state and never duplicates anythin
 from __future__ import annotations
 
 import pytest
-from kubernetes import client
 
 from mpc.runner import contract as c
 from tests.infra.procs import wait_for

@@ -17,6 +17,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -64,7 +65,6 @@ class Cluster:
         if cached is None:
             cached = self._admin_config = yaml.safe_load(self.kubeconfig.read_text())
         elif not self.kubeconfig.exists() or not self.kubeconfig.read_text().strip():
-            import sys
             print(f"mpc tests: {self.kubeconfig} vanished; re-writing it", file=sys.stderr)
             self.kubeconfig.parent.mkdir(parents=True, exist_ok=True)
             self.kubeconfig.write_text(yaml.safe_dump(cached))

@@ -9,7 +9,6 @@ ServiceAccount token), so missing or excessive RBAC shows up.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
