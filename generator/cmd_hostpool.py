@@ -36,6 +36,9 @@ def validate(args: argparse.Namespace) -> int:
                 print(f"{args.file}: {m}", file=sys.stderr)
             return 1
         pool = hostpool.from_document(doc)
+    # Read but ignored (Konflux keys for dynamic hosts): said, but not an error.
+    for m in pool.warnings:
+        print(f"{args.file}: warning: {m}", file=sys.stderr)
     slots = sum(h.concurrency for h in pool.hosts)
     print(f"{args.file}: valid: {len(pool.hosts)} hosts, {slots} slots, platforms: "
           f"{', '.join(pool.platforms) or 'none'}")
@@ -49,6 +52,8 @@ def register(sub) -> None:
                       description="Validate a host pool against mpc's JSON Schema. FILE is "
                                   "either the pool YAML or a ConfigMap manifest holding it "
                                   "(key pool.yaml, or Konflux's flat host.<name>.* keys). "
-                                  "Every error is printed with its path; exit 1 if any.")
+                                  "Every error is printed with its path; exit 1 if any. "
+                                  "Konflux keys for dynamic (cloud) hosts are ignored: "
+                                  "they are printed as warnings and do not fail.")
     v.add_argument("file", metavar="FILE")
     v.set_defaults(func=validate)

@@ -3,12 +3,18 @@
 The pool is YAML validated by ``hostpool.schema.json``. Konflux MPC's flat
 ``host-config`` keys (``host.<name>.address|user|platform|secret|concurrency``,
 ``local-platforms``, ``allowed-namespaces``) are converted to the same model
-so an existing pool migrates unchanged. Every problem is reported with its
-path, all at once.
+so an existing pool migrates unchanged: lists may have trailing commas and
+backslash line continuations, ``local``/``localhost`` are local platforms,
+platforms may carry a flavour (``linux-m2xlarge/arm64``) and allowed
+namespaces are regular expressions matched against the whole name (in both
+forms). Keys only dynamic (cloud) hosts use are ignored with a warning
+(``Pool.warnings``). Every problem is reported with its path, all at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Mapping
@@ -52,8 +58,9 @@ class Host:
 class Pool:
     hosts: tuple[Host, ...] = ()
     local_platforms: tuple[str, ...] = ()
-    allowed_namespaces: tuple[str, ...] | None = None
+    allowed_namespaces: tuple[str, ...] | None = None  # regular expressions, full match
     max_wait_seconds: int = 3600
+    warnings: tuple[str, ...] = ()  # 'path: message' for what was read but is ignored
 
     def hosts_for(self, platform: str) -> list[Host]:
         return [h for h in self.hosts if h.platform == platform]
@@ -66,7 +73,11 @@ class Pool:
         return sorted({h.platform for h in self.hosts} | set(self.local_platforms))
 
     def namespace_allowed(self, namespace: str) -> bool:
-        return self.allowed_namespaces is None or namespace in self.allowed_namespaces
+        """Whether some allowedNamespaces entry, a regular expression, matches all of
+        ``namespace`` (a plain name matches only itself); True without the list."""
+        if self.allowed_namespaces is None:
+            return True
+        return any(re.fullmatch(p, namespace) for p in self.allowed_namespaces)
 
 
 def schema() -> dict:
@@ -80,11 +91,34 @@ def _path(err: jsonschema.ValidationError) -> str:
     return p
 
 
+def _message(err: jsonschema.ValidationError) -> str:
+    # Definitions with "x-expected" say in words what a pattern means.
+    expected = err.schema.get("x-expected") if isinstance(err.schema, dict) else None
+    if err.validator == "pattern" and expected:
+        return f"{err.instance!r} is not {expected}"
+    return err.message
+
+
+def _regex_errors(doc: Any) -> list[str]:
+    allowed = doc.get("allowedNamespaces") if isinstance(doc, dict) else None
+    errors = []
+    for i, entry in enumerate(allowed if isinstance(allowed, list) else ()):
+        if not isinstance(entry, str):
+            continue  # the schema reports it
+        try:
+            re.compile(entry)
+        except re.error as e:
+            errors.append(f"$.allowedNamespaces[{i}]: {entry!r} is not a valid regular "
+                          f"expression: {e}")
+    return errors
+
+
 def validate(doc: Any) -> list[str]:
     """Every schema and consistency error of a pool document, as 'path: message'."""
     v = jsonschema.Draft202012Validator(schema())
-    errors = [f"{_path(e)}: {e.message}" for e in sorted(v.iter_errors(doc), key=lambda e: list(
+    errors = [f"{_path(e)}: {_message(e)}" for e in sorted(v.iter_errors(doc), key=lambda e: list(
         map(str, e.absolute_path)))]
+    errors += _regex_errors(doc)
     if errors or not isinstance(doc, dict):
         return errors
     seen: dict[str, int] = {}
@@ -126,21 +160,45 @@ def parse_yaml(text: str) -> Pool:
 _KONFLUX_FIELDS = {"address": "address", "user": "user", "platform": "platform",
                    "secret": "secret", "concurrency": "concurrency", "host-key": "hostKey",
                    "port": "port", "sudo-commands": "sudoCommands"}
-_KONFLUX_IGNORED = ("dynamic-platforms", "dynamic-pool-platforms", "instance-tag",
-                    "additional-instance-tags")
+# Keys that only matter for dynamic (cloud) hosts, which mpc does not have yet.
+_KONFLUX_DYNAMIC_LISTS = ("dynamic-platforms", "dynamic-pool-platforms",
+                          "additional-instance-tags")
+_KONFLUX_DYNAMIC_GLOBALS = ("instance-tag",)
+_DYNAMIC = "ignored until dynamic hosts exist"
+# A backslash that ends a line (or the value): Konflux's line continuation.
+_CONTINUATION = re.compile(r"\\(?=\s|$)")
 
 
-def konflux_to_document(data: Mapping[str, str]) -> tuple[dict, list[str]]:
-    """Convert Konflux MPC ``host-config`` data to a pool document (+ conversion errors)."""
+def _konflux_value(value: Any) -> str:
+    return _CONTINUATION.sub("", str(value)).strip()
+
+
+def _konflux_list(value: Any) -> list[str]:
+    """A Konflux comma list: items trimmed, empty items (trailing comma) dropped."""
+    return [v.strip() for v in _CONTINUATION.sub("", str(value)).split(",") if v.strip()]
+
+
+def konflux_to_document(data: Mapping[str, str]) -> tuple[dict, list[str], list[str]]:
+    """Convert Konflux MPC ``host-config`` data to a pool document, conversion
+    errors and warnings (keys that are read but ignored)."""
     errors: list[str] = []
+    warnings: list[str] = []
+    dynamic: dict[str, list[str]] = {}
     hosts: dict[str, dict] = {}
     doc: dict[str, Any] = {"hosts": []}
     for key in sorted(data):
         value = data[key]
         if key == "local-platforms":
-            doc["localPlatforms"] = [p.strip() for p in value.split(",") if p.strip()]
+            doc["localPlatforms"] = _konflux_list(value)
         elif key == "allowed-namespaces":
-            doc["allowedNamespaces"] = [n.strip() for n in value.split(",") if n.strip()]
+            doc["allowedNamespaces"] = _konflux_list(value)
+        elif key in _KONFLUX_DYNAMIC_LISTS:
+            warnings.append(f"$.{key}: {_DYNAMIC}: {', '.join(_konflux_list(value))}")
+        elif key in _KONFLUX_DYNAMIC_GLOBALS:
+            warnings.append(f"$.{key}: {_DYNAMIC}: {_konflux_value(value)}")
+        elif key.startswith("dynamic."):
+            platform, _, fld = key[len("dynamic."):].rpartition(".")
+            dynamic.setdefault(f"dynamic.{platform}" if platform else "dynamic", []).append(fld)
         elif key.startswith("host."):
             name, _, fld = key[len("host."):].rpartition(".")
             if not name or fld not in _KONFLUX_FIELDS:
@@ -150,19 +208,20 @@ def konflux_to_document(data: Mapping[str, str]) -> tuple[dict, list[str]]:
             h = hosts.setdefault(name, {"name": name})
             if fld in ("concurrency", "port"):
                 try:
-                    h[_KONFLUX_FIELDS[fld]] = int(value)
+                    h[_KONFLUX_FIELDS[fld]] = int(_konflux_value(value))
                 except ValueError:
                     errors.append(f"$.{key}: {value!r} is not an integer")
             elif fld == "sudo-commands":
-                h["sudoCommands"] = [c.strip() for c in value.split(",") if c.strip()]
+                h["sudoCommands"] = _konflux_list(value)
             else:
-                h[_KONFLUX_FIELDS[fld]] = value.strip()
-        elif key.startswith(_KONFLUX_IGNORED):
-            errors.append(f"$.{key}: dynamic (cloud) hosts are not supported by mpc")
+                h[_KONFLUX_FIELDS[fld]] = _konflux_value(value)
         else:
             errors.append(f"$.{key}: unknown key")
+    for prefix, fields in dynamic.items():
+        warnings.append(f"$.{prefix}.*: {_DYNAMIC}: {len(fields)} "
+                        f"key{'s' if len(fields) != 1 else ''} ({', '.join(sorted(fields))})")
     doc["hosts"] = [hosts[n] for n in sorted(hosts)]
-    return doc, errors
+    return doc, errors, warnings
 
 
 def from_configmap_data(name: str, data: Mapping[str, str] | None) -> Pool:
@@ -173,8 +232,8 @@ def from_configmap_data(name: str, data: Mapping[str, str] | None) -> Pool:
     if not data:
         raise PoolError([f"$: ConfigMap {name} has no data (expected key {contract.POOL_KEY} "
                          "or Konflux host.<name>.* keys)"])
-    doc, errors = konflux_to_document(data)
+    doc, errors, warnings = konflux_to_document(data)
     errors += validate(doc)
     if errors:
         raise PoolError(errors)
-    return from_document(doc)
+    return dataclasses.replace(from_document(doc), warnings=tuple(warnings))

@@ -63,7 +63,7 @@ def test_konflux_flat_keys_convert():
                                                      "dynamic-platforms": "linux/arm64"})
     text = str(e.value)
     assert "host.arm1.concurrency: 'four' is not an integer" in text
-    assert "dynamic" in text
+    assert "dynamic" not in text     # ignored with a warning, never an error
 
 
 def test_validate_cli(tmp_path: Path):
@@ -85,3 +85,165 @@ def test_validate_cli(tmp_path: Path):
     r = cli("hostpool", "validate", str(cm))
     assert r.returncode == 1 and "$.hosts[0]: 'user' is a required property" in r.stderr
     assert cli("hostpool", "validate", "--help").returncode == 0
+
+
+# --- existing Konflux pools migrate as they are (issue 12) ---------------------------
+
+KONFLUX_CM = Path(__file__).with_name("konflux-host-config.yaml")
+DYNAMIC = "ignored until dynamic hosts exist"
+
+
+def _host(name: str, platform: str, **extra) -> dict:
+    return {f"host.{name}.{k}": v for k, v in {
+        "address": "10.0.0.5", "user": "root", "platform": platform, "secret": "key",
+        "concurrency": "2", **extra}.items()}
+
+
+def test_konflux_production_configmap_parses():
+    pool = hostpool.from_configmap_data(
+        "host-config", yaml.safe_load(KONFLUX_CM.read_text())["data"])
+    assert pool.local_platforms == ("linux/x86_64", "local", "localhost")
+    assert pool.allowed_namespaces == ("default", "system-.*", "mintmaker", ".*-tenant")
+    assert pool.platforms == ["linux-m2xlarge/arm64", "linux-root/amd64", "linux/ppc64le",
+                              "linux/s390x", "linux/x86_64", "local", "localhost"]
+    assert [h.name for h in pool.hosts_for("linux/s390x")] == ["s390x-static-1",
+                                                               "s390x-static-2"]
+    (m2,) = pool.hosts_for("linux-m2xlarge/arm64")
+    assert (m2.address, m2.user, m2.concurrency) == ("10.29.3.21", "ec2-user", 2)
+    (root,) = pool.hosts_for("linux-root/amd64")
+    assert root.sudo_commands == ("/usr/bin/podman",
+                                  "/usr/bin/rm /usr/share/containers/mounts.conf")
+    # allowed-namespaces entries are regular expressions over the whole name
+    for ns in ("default", "system-a", "system-", "mintmaker", "team-a-tenant", "x-tenant"):
+        assert pool.namespace_allowed(ns), ns
+    for ns in ("kube-system-x", "my-default", "defaults", "mintmaker2", "tenant",
+               "team-tenant-2", "system"):
+        assert not pool.namespace_allowed(ns), ns
+    # every dynamic-only key is a warning, none an error
+    w = "\n".join(pool.warnings)
+    for key in ("$.dynamic-platforms", "$.dynamic-pool-platforms", "$.instance-tag",
+                "$.additional-instance-tags", "$.dynamic.linux-arm64.*",
+                "$.dynamic.linux-c6gd2xlarge-arm64.*"):
+        assert f"{key}: {DYNAMIC}" in w, w
+    assert len(pool.warnings) == 6
+    assert ("$.dynamic-platforms: ignored until dynamic hosts exist: linux/arm64, linux/amd64, "
+            "linux-m2xlarge/arm64, linux-c6gd2xlarge/arm64") in pool.warnings
+    assert "11 keys (ami, aws-secret, instance-tag" in w
+
+
+@pytest.mark.parametrize("value", [
+    "linux/arm64,\\\n  linux/s390x,",          # literal backslash continuations
+    "linux/arm64,\\\n  linux/s390x,\\\n",
+    "\\\n  linux/arm64,\\\n  linux/s390x,\\\n  ",
+    "linux/arm64,\\ linux/s390x,\\",            # a plain YAML scalar folds lines into spaces
+    "linux/arm64, linux/s390x",
+    " linux/arm64,,linux/s390x, ,",
+])
+def test_konflux_lists_with_continuations_and_trailing_commas(value):
+    data = {**_host("a", "linux/ppc64le"), "local-platforms": value}
+    assert hostpool.from_configmap_data("cm", data).local_platforms == ("linux/arm64",
+                                                                       "linux/s390x")
+
+
+def test_konflux_scalars_with_continuations():
+    data = _host("a", "linux/ppc64le", address="\\\n  10.0.0.9\\\n", concurrency="3\\\n")
+    (h,) = hostpool.from_configmap_data("cm", data).hosts
+    assert (h.address, h.concurrency) == ("10.0.0.9", 3)
+
+
+def test_konflux_pool_with_only_dynamic_hosts_parses_with_warnings():
+    pool = hostpool.from_configmap_data("cm", {
+        "dynamic-platforms": "linux/arm64", "dynamic.linux-arm64.type": "aws",
+        "instance-tag": "dev"})
+    assert pool.hosts == () and pool.platforms == []
+    assert pool.warnings == (
+        "$.dynamic-platforms: ignored until dynamic hosts exist: linux/arm64",
+        "$.instance-tag: ignored until dynamic hosts exist: dev",
+        "$.dynamic.linux-arm64.*: ignored until dynamic hosts exist: 1 key (type)")
+
+
+def test_konflux_real_errors_still_fail_all_at_once():
+    data = {**_host("a", "arm64"), **_host("b", "local"),
+            "local-platforms": "linux/x86_64, localhost, x86_64, linux/",
+            "allowed-namespaces": "default,team-(,[a-,.*-tenant",
+            "dynamic-platforms": "linux/arm64", "dynamic.linux-arm64.type": "aws",
+            "hosts.typo": "x"}
+    with pytest.raises(hostpool.PoolError) as e:
+        hostpool.from_configmap_data("cm", data)
+    errors = e.value.errors
+    assert not any(DYNAMIC in m or "dynamic" in m for m in errors), errors
+    by_path = {m.split(": ", 1)[0]: m.split(": ", 1)[1] for m in errors}
+    assert set(by_path) == {"$.hosts.typo", "$.hosts[0].platform", "$.hosts[1].platform",
+                            "$.localPlatforms[2]", "$.localPlatforms[3]",
+                            "$.allowedNamespaces[1]", "$.allowedNamespaces[2]"}, errors
+    assert by_path["$.allowedNamespaces[1]"].startswith(
+        "'team-(' is not a valid regular expression: missing ), unterminated subpattern")
+    assert by_path["$.allowedNamespaces[2]"].startswith(
+        "'[a-' is not a valid regular expression: unterminated character set")
+    assert by_path["$.localPlatforms[2]"] == (
+        "'x86_64' is not a platform: expected <os>/<arch> (linux/arm64), "
+        "<os>-<flavour>/<arch> (linux-m2xlarge/arm64), local or localhost")
+    assert by_path["$.hosts[0].platform"].startswith("'arm64' is not a build host platform")
+    assert "local and localhost can only be local platforms" in by_path["$.hosts[1].platform"]
+
+
+def test_native_pool_has_the_same_semantics():
+    doc = {"hosts": [{"name": "m2", "address": "10.0.0.1", "user": "root", "secret": "s",
+                      "platform": "linux-m2xlarge/arm64", "concurrency": 2},
+                     {"name": "root", "address": "10.0.0.2", "user": "root", "secret": "s",
+                      "platform": "linux-root/amd64", "concurrency": 1}],
+           "localPlatforms": ["linux/x86_64", "local", "localhost"],
+           "allowedNamespaces": ["team-a", "system-.*", ".*-tenant"]}
+    pool = hostpool.parse_yaml(yaml.safe_dump(doc))
+    assert pool.local_platforms == ("linux/x86_64", "local", "localhost")
+    assert pool.warnings == ()
+    assert pool.namespace_allowed("team-a") and not pool.namespace_allowed("team-ab")
+    assert pool.namespace_allowed("system-x") and not pool.namespace_allowed("kube-system-x")
+    assert pool.namespace_allowed("a-tenant") and not pool.namespace_allowed("a-tenant-b")
+    assert hostpool.from_configmap_data("cm", {"pool.yaml": yaml.safe_dump(doc)}) == pool
+    # the schema documents it
+    assert "whole namespace name" in hostpool.schema()["properties"]["allowedNamespaces"][
+        "description"]
+
+    bad = dict(doc, allowedNamespaces=["ok", "(unclosed", "x" * 300],
+               localPlatforms=["local", "linux"],
+               hosts=[dict(doc["hosts"][0], platform="localhost")])
+    errors = hostpool.validate(bad)
+    joined = "\n".join(errors)
+    assert "$.allowedNamespaces[1]: '(unclosed' is not a valid regular expression: " \
+           "missing ), unterminated subpattern at position 0" in errors, joined
+    assert "$.allowedNamespaces[2]: " in joined and "is too long" in joined
+    assert "$.localPlatforms[1]: 'linux' is not a platform" in joined
+    assert "$.hosts[0].platform: 'localhost' is not a build host platform" in joined
+    assert len(errors) == 4, joined
+    with pytest.raises(hostpool.PoolError):
+        hostpool.from_document(bad)
+
+
+def test_validate_cli_on_a_konflux_production_configmap():
+    r = cli("hostpool", "validate", str(KONFLUX_CM))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (
+        f"{KONFLUX_CM}: valid: 5 hosts, 19 slots, platforms: linux-m2xlarge/arm64, "
+        "linux-root/amd64, linux/ppc64le, linux/s390x, linux/x86_64, local, localhost")
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 6, r.stderr
+    assert all(ln.startswith(f"{KONFLUX_CM}: warning: $.") and DYNAMIC in ln
+               for ln in lines), r.stderr
+    assert any("$.dynamic.linux-arm64.*" in ln for ln in lines)
+
+
+def test_validate_cli_reports_konflux_errors_with_paths(tmp_path: Path):
+    cm = yaml.safe_load(KONFLUX_CM.read_text())
+    cm["data"]["allowed-namespaces"] = "default,*-tenant,"
+    cm["data"]["local-platforms"] = "linux/x86_64,\\\n  locals,"
+    f = tmp_path / "host-config.yaml"
+    f.write_text(yaml.safe_dump(cm))
+    r = cli("hostpool", "validate", str(f))
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert lines == [
+        f"{f}: $.localPlatforms[1]: 'locals' is not a platform: expected <os>/<arch> "
+        "(linux/arm64), <os>-<flavour>/<arch> (linux-m2xlarge/arm64), local or localhost",
+        f"{f}: $.allowedNamespaces[1]: '*-tenant' is not a valid regular expression: "
+        "nothing to repeat at position 0"], r.stderr
