@@ -17,8 +17,11 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.infra.cgroups import Subtree
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ARRAY_ARG = re.compile(r"^\$\(params\.([A-Za-z0-9_.-]+)\[\*\]\)$")
@@ -112,6 +115,7 @@ class Pod:
                 src.mkdir(exist_ok=True)
             binds.append((src, m["mountPath"], bool(m.get("readOnly"))))
         root = self.dir / "root"
+        cgroup = Subtree(f"mpc-pod-{uuid.uuid4().hex[:12]}").create()
         q = lambda p: shlex.quote(str(p))  # noqa: E731
         lines = [
             "set -eu",
@@ -120,6 +124,9 @@ class Pod:
             f"mount -t proc proc {q(root)}/proc",
             f"mount --rbind /dev {q(root)}/dev",
             f"mount --rbind /sys {q(root)}/sys",
+            # a pod's own cgroup root, as a real pod has (nothing it starts lands at the top)
+            f"umount -l {q(root)}/sys/fs/cgroup",
+            cgroup.mount_script(q(root)),
             f"mount -t tmpfs tmpfs {q(root)}/run",
         ]
         for src, target, ro in binds:
@@ -131,10 +138,16 @@ class Pod:
         envargs = " ".join(q(f"{k}={v}") for k, v in env.items())
         lines.append(f"exec chroot {q(root)} /usr/bin/env -i -C {q(workdir)} {envargs} "
                      f"/tekton/scripts/{q(name)} \"$@\"")
-        return subprocess.run(
-            ["unshare", "--mount", "--pid", "--fork", "--propagation", "private",
-             "bash", "-c", "\n".join(lines), "pod", *args],
-            capture_output=True, text=True, timeout=timeout)
+        argv = ["unshare", "--mount", "--pid", "--cgroup", "--fork", "--propagation", "private",
+                "bash", "-c", "\n".join(lines), "pod", *args]
+        try:
+            return subprocess.run(
+                ["sh", "-c", 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1"; shift; '
+                 'n=$((n-1)); done; exec "$@"', "join-cgroup",
+                 str(len(cgroup.procs_files())), *cgroup.procs_files(), *argv],
+                capture_output=True, text=True, timeout=timeout)
+        finally:
+            cgroup.remove()
 
     def result(self, name: str) -> str:
         return (self.dir / "results" / name).read_text()

@@ -23,6 +23,7 @@ from pathlib import Path
 from mpc.runner.buildsecret import new_keypair
 
 from . import rootfs
+from .cgroups import Subtree
 from .procs import alive, wait_for
 
 SSH_OPTS = ["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
@@ -63,6 +64,14 @@ class SSHHost:
     host_public_key: str = ""
     proc: subprocess.Popen | None = field(default=None, repr=False)
     _init_pid: int = field(default=0, repr=False)
+    _cgroup: Subtree | None = field(default=None, repr=False)
+
+    @property
+    def cgroup(self) -> Subtree:
+        """The host's own cgroup subtree (named like its netns); its processes all live in it."""
+        if self._cgroup is None:
+            self._cgroup = Subtree(self.netns)
+        return self._cgroup
 
     @property
     def admin_key_file(self) -> Path:
@@ -119,7 +128,13 @@ class SSHHost:
         run("ip", "-n", self.netns, "route", "add", "default", "via", self.host_ip)
 
     def start(self) -> "SSHHost":
-        """Boot sshd in fresh mount/PID/UTS namespaces inside the host's netns."""
+        """Boot sshd in fresh mount/PID/UTS/cgroup namespaces inside the host's netns.
+
+        The host's cgroup namespace is rooted at its own subtree (``self.cgroup``), so the
+        cgroups its podman or runc create (``libpod_parent``, containers) stay inside it and
+        go with ``destroy()``, as on a real machine with a cgroup root of its own.
+        """
+        self.cgroup.create()
         s = self.state
         r = s / "root"
         q = shlex.quote
@@ -129,7 +144,7 @@ mount -t overlay overlay -o lowerdir={q(str(self.base))},upperdir={q(str(s / 'up
 hostname {q(self.name)}
 mount -t proc proc {q(str(r))}/proc
 mount -t sysfs sysfs {q(str(r))}/sys
-mount --rbind /sys/fs/cgroup {q(str(r))}/sys/fs/cgroup
+{self.cgroup.mount_script(q(str(r)))}
 mount -t tmpfs -o mode=755 tmpfs {q(str(r))}/dev
 for d in null zero full random urandom tty fuse; do
   [ -e /dev/$d ] || continue
@@ -157,9 +172,13 @@ rmdir /.mpc-oldroot
 exec /usr/sbin/sshd -D -e
 """
         log = s / "sshd.log"
+        # join the subtree first, then unshare the cgroup namespace rooted there
+        argv = ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts",
+                "--pid", "--cgroup", "--fork", "--kill-child", "--propagation", "private",
+                "bash", "-c", inner]
         self.proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts", "--pid",
-             "--fork", "--kill-child", "--propagation", "private", "bash", "-c", inner],
+            ["sh", "-c", 'for f in "$@"; do echo $$ > "$f"; done; exec ' + shlex.join(argv),
+             "join-cgroup", *self.cgroup.procs_files()],
             stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         wait_for(f"sshd on {self.name}", lambda: b"Server listening on" in log.read_bytes()
@@ -183,9 +202,11 @@ exec /usr/sbin/sshd -D -e
         if self._init_pid:
             wait_for(f"{self.name} processes gone", lambda: not alive(self._init_pid), timeout=10)
         self._init_pid = 0
+        self.cgroup.kill()      # anything that joined the host's cgroups from outside
 
     def destroy(self) -> None:
         self.stop()
+        self.cgroup.remove()
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         shutil.rmtree(self.state, ignore_errors=True)
 
@@ -208,8 +229,12 @@ exec /usr/sbin/sshd -D -e
              timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a shell script as root *inside* the host, without SSH (test evidence)."""
         pid = self.sshd_pid()
+        enter = ["nsenter", "-t", str(pid), "-m", "-u", "-p", "-n", "-C", "-r", "-w",
+                 "/bin/sh", "-c", script]
+        # join the host's cgroups too, so whatever the script starts is the host's
         return subprocess.run(
-            ["nsenter", "-t", str(pid), "-m", "-u", "-p", "-n", "-r", "-w", "/bin/sh", "-c", script],
+            ["sh", "-c", 'for f in "$@"; do echo $$ > "$f"; done; exec ' + shlex.join(enter),
+             "join-cgroup", *self.cgroup.procs_files()],
             check=check, capture_output=True, text=True, input=input, timeout=timeout)
 
     def ssh_argv(self, user: str | None = None, key: Path | None = None,
