@@ -91,6 +91,40 @@ def waiter_name(taskrun_uid: str) -> str:
     return f"mpc-wait-{taskrun_uid}"
 
 
+# --- where a build is in its life ------------------------------------------------
+# The watcher and the runner must agree on when a build stops needing its host.
+# (The watcher's glue/detect.py still has its own copy of the condition parser.)
+def succeeded(obj: dict | None) -> bool | None:
+    """A Tekton run's ``Succeeded`` condition: True or False once it has finished,
+    None while it runs (status Unknown, or no condition yet)."""
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or ():
+        if isinstance(cond, dict) and cond.get("type") == "Succeeded":
+            s = cond.get("status")
+            return True if s == "True" else False if s == "False" else None
+    return None
+
+
+def build_done(taskrun: dict | None, uid: str) -> str | None:
+    """Why the build TaskRun ``uid`` needs no host any more, or None while it may use one.
+
+    ``taskrun`` is what the API returns for the build's namespace/name (None
+    for 404). Done means deleted, replaced by a namesake (another uid), being
+    deleted, or finished (Succeeded True or False). That the object exists
+    says nothing: clusters keep finished TaskRuns for hours or days.
+    """
+    if taskrun is None:
+        return "deleted"
+    md = taskrun.get("metadata") or {}
+    if md.get("uid") != uid:
+        return "replaced"
+    if md.get("deletionTimestamp"):
+        return "deleting"
+    ok = succeeded(taskrun)
+    if ok is None:
+        return None
+    return "succeeded" if ok else "failed"
+
+
 # --- validating references that arrive as params --------------------------------
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -4,11 +4,19 @@
 user's processes and delete the user (a missing user is success), delete
 the slot, drop a queue entry, delete the build's secret. Safe to repeat.
 
-``sweep``: slots whose TaskRun no longer exists (or is another object with
-the same name), waiter entries nobody renews, and ``u-*`` users on hosts
-that no slot accounts for. Users are listed *before* slots, so a build
-being provisioned right now (slot first, then user) is never mistaken for
-an orphan.
+``sweep``: slots whose build is done (``contract.build_done``: finished
+with Succeeded True or False, deleted, being deleted, or replaced by a
+namesake), waiter entries nobody renews, and ``u-*`` users on hosts that no
+slot accounts for. Users are listed *before* slots, so a build being
+provisioned right now (slot first, then user) is never mistaken for an
+orphan.
+
+A finished TaskRun that still exists is done: clusters keep them for days,
+and the watcher drops its finalizer as soon as the deprovisioning run exists,
+so when that run fails (its host was down) only the sweep frees the slot. It
+keeps a slot whose host cannot be reached and tries again on its next run,
+so a finished build's slot is free at most one sweep interval (the watcher's
+``--sweep-interval``) after its host is back.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from . import buildsecret, contract, log
 from .hostpool import Pool, PoolError
 from .kube import Kube
 from .poolsource import admin_key, load_pool
-from .provision import remove_users
+from .provision import build_state, remove_users
 from .remote import HostError, open_session, script
 from .slots import Slots
 
@@ -56,8 +64,7 @@ def wait_for_provisioning(kube: Kube, namespace: str, uid: str, timeout: float) 
             if e.status in (403, 404):
                 return
             raise
-        conds = (pr.get("status") or {}).get("conditions") or []
-        if any(c.get("type") == "Succeeded" and c.get("status") in ("True", "False") for c in conds):
+        if contract.succeeded(pr) is not None:
             return
         if time.monotonic() >= deadline:
             log.event("provisioning run still running; deprovisioning anyway", level="warning",
@@ -113,13 +120,6 @@ def deprovision(kube: Kube, controller_namespace: str, namespace: str, name: str
     return report
 
 
-def _taskrun_alive(kube: Kube, namespace: str, name: str, uid: str) -> bool:
-    if contract.taskrun_ref_problem(namespace, name, uid):
-        return False
-    tr = kube.taskrun(namespace, name)
-    return bool(tr) and tr["metadata"].get("uid") == uid
-
-
 def list_users(kube: Kube, namespace: str, host) -> list[str]:
     with open_session(host, admin_key(kube, namespace, host)) as s:
         out = s.run(script("list-users.sh"))
@@ -139,17 +139,25 @@ def sweep(kube: Kube, controller_namespace: str,
             report.round_trips += 1
         except HostError as e:
             report.errors.append(str(e))
-    # 2. slots whose build is gone
+    # 2. slots whose build is done (finished, deleted or replaced), never "still exists"
     all_slots = slots.all()
-    orphans = [s for s in all_slots
-               if not _taskrun_alive(kube, s.holder.namespace, s.holder.name, s.holder.uid)]
-    if orphans:
-        release_slots(kube, controller_namespace, pool, slots, orphans, report)
-        for s in orphans:
-            if buildsecret.delete(kube, s.holder.namespace, s.holder.name, s.holder.uid):
+    why_done: dict[tuple[str, str, str], str | None] = {}
+    for s in all_slots:
+        h = (s.holder.namespace, s.holder.name, s.holder.uid)
+        if h not in why_done:
+            why_done[h] = build_state(kube, *h)[1]
+            if why_done[h]:
+                log.event("build done; freeing its slots", why=why_done[h], namespace=h[0],
+                          name=h[1], uid=h[2])
+    done = [s for s in all_slots
+            if why_done[(s.holder.namespace, s.holder.name, s.holder.uid)]]
+    if done:
+        release_slots(kube, controller_namespace, pool, slots, done, report)
+        for h in dict.fromkeys((s.holder.namespace, s.holder.name, s.holder.uid) for s in done):
+            if buildsecret.delete(kube, *h):
                 report.secret_deleted = True
     # 3. users no slot accounts for
-    accounted = {(s.host, s.holder.user) for s in all_slots if s not in orphans}
+    accounted = {(s.host, s.holder.user) for s in all_slots if s not in done}
     for host_name, users in users_on.items():
         strays = sorted(u for u in users if (host_name, u) not in accounted
                         and u not in report.removed_users)

@@ -4,6 +4,11 @@ Order matters for cleanup: the slot (which names the user) exists before the
 user is created on the host, and the secret is written last, so whatever
 point a run is killed at, deprovisioning or the sweep finds what to remove.
 A retry of the same build reuses the slot it already holds.
+
+A build that is done (finished, deleted or replaced: ``contract.build_done``)
+gets nothing: the provisioner checks before it starts, while it waits, after
+it takes a slot and after it creates the user, gives back whatever the build
+holds when it finds the build done, and then writes no secret at all.
 """
 from __future__ import annotations
 
@@ -42,6 +47,11 @@ class Outcome:
 
 
 def _fail(kube: Kube, taskrun: dict, message: str, **extra) -> Outcome:
+    m = taskrun["metadata"]
+    _, why = build_state(kube, m["namespace"], m["name"], m["uid"])
+    if why:
+        log.event("build done; no error secret written", why=why, reason=message, **_ids(taskrun))
+        return Outcome("gone", message=message, **extra)
     buildsecret.write_error(kube, taskrun, message)
     log.event("error secret written", level="warning", reason=message, **_ids(taskrun))
     return Outcome("error", message=message, **extra)
@@ -52,19 +62,28 @@ def _ids(taskrun: dict) -> dict:
     return {"namespace": m["namespace"], "name": m["name"], "uid": m["uid"]}
 
 
-def live_taskrun(kube: Kube, req: Request) -> dict | None:
-    """The build TaskRun if it still exists, is the same object, and is not being deleted."""
-    problem = contract.taskrun_ref_problem(req.taskrun_namespace, req.taskrun_name,
-                                           req.taskrun_uid)
+INVALID_REFERENCE = "invalid reference"
+
+
+def build_state(kube: Kube, namespace: str, name: str, uid: str) -> tuple[dict | None, str | None]:
+    """(the build TaskRun, None) while it may use a host; (None, why) once it is done.
+
+    The one liveness check of the runner: every release decision (the sweep,
+    a provisioner giving up) rests on it, never on the object merely existing.
+    """
+    problem = contract.taskrun_ref_problem(namespace, name, uid)
     if problem:
         log.event("not a TaskRun reference; ignored", level="warning", problem=problem)
-        return None
-    tr = kube.taskrun(req.taskrun_namespace, req.taskrun_name)
-    if not tr or tr["metadata"].get("uid") != req.taskrun_uid:
-        return None
-    if tr["metadata"].get("deletionTimestamp"):
-        return None
-    return tr
+        return None, INVALID_REFERENCE
+    tr = kube.taskrun(namespace, name)
+    why = contract.build_done(tr, uid)
+    return (None, why) if why else (tr, None)
+
+
+def live_taskrun(kube: Kube, req: Request) -> dict | None:
+    """The build TaskRun while it may use a host: the same object, neither finished nor
+    (being) deleted."""
+    return build_state(kube, req.taskrun_namespace, req.taskrun_name, req.taskrun_uid)[0]
 
 
 def sudo_rule(host: Host) -> str:
@@ -103,11 +122,12 @@ def remove_users(kube: Kube, namespace: str, host: Host, users: list[str]) -> in
 
 
 def provision(kube: Kube, req: Request, poll: float = 0.5) -> Outcome:
-    taskrun = live_taskrun(kube, req)
+    taskrun, why = build_state(kube, req.taskrun_namespace, req.taskrun_name, req.taskrun_uid)
     if taskrun is None:
-        log.event("build TaskRun gone; nothing to provision", namespace=req.taskrun_namespace,
+        trips = 0 if why == INVALID_REFERENCE else _give_back(kube, req)
+        log.event("build done; nothing to provision", why=why, namespace=req.taskrun_namespace,
                   name=req.taskrun_name, uid=req.taskrun_uid)
-        return Outcome("gone")
+        return Outcome("gone", round_trips=trips)
     ids = _ids(taskrun)
     try:
         pool = load_pool(kube, req.controller_namespace, req.pool_configmap)
@@ -153,6 +173,7 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
                          f"{req.platform}: {detail}. The platform team should check these hosts "
                          "and their admin keys.", failed_hosts=failed, round_trips=trips)
         slot = next((s for s in held if s.host in {h.name for h in candidates}), None)
+        reused = slot is not None
         if slot is None:
             try:
                 slot = slots.acquire(
@@ -161,7 +182,7 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
                     on_wait=lambda pos: log.event("platform full: waiting for a slot",
                                                   platform=req.platform, position=pos, **ids))
             except Gone:
-                log.event("build TaskRun gone while waiting; left the queue", **ids)
+                log.event("build done while waiting; left the queue", **ids)
                 return Outcome("gone", round_trips=trips)
         if slot is None:
             return _fail(kube, taskrun, f"no host of platform {req.platform} became free within "
@@ -172,8 +193,11 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
         host = pool.host(slot.host)
         log.event("slot taken", host=host.name, slot=slot.index, user=user, **ids)
         if live_taskrun(kube, req) is None:
-            slots.release(slot)
-            log.event("build TaskRun gone after allocation; slot released", **ids)
+            if reused:      # an earlier attempt may have created the user
+                trips += _undo(kube, req, slots, slot, host, user)[1]
+            else:
+                slots.release(slot)
+            log.event("build done after allocation; slot released", **ids)
             return Outcome("gone", round_trips=trips)
         priv, pub = buildsecret.new_keypair()
         try:
@@ -183,14 +207,14 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
             failed[host.name] = str(e).split(": ", 1)[-1]
             log.event("host failed; trying the next", level="warning", host=host.name,
                       error=failed[host.name], **ids)
-            _undo(kube, req, slots, slot, host, user)
+            trips += _undo(kube, req, slots, slot, host, user)[1]
             held = []
             continue
         # The build may have been deleted while we worked: never leave a user behind.
         taskrun = live_taskrun(kube, req)
         if taskrun is None:
-            _undo(kube, req, slots, slot, host, user)
-            log.event("build TaskRun gone during provisioning; user removed", **ids)
+            trips += _undo(kube, req, slots, slot, host, user)[1]
+            log.event("build done during provisioning; user removed", **ids)
             return Outcome("gone", round_trips=trips)
         buildsecret.write(kube, taskrun, {
             contract.KEY_PRIVATE_KEY: priv, contract.KEY_HOST: f"{user}@{host.address}",
@@ -199,12 +223,46 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
         return Outcome("served", host=host.name, round_trips=trips, failed_hosts=failed)
 
 
-def _undo(kube: Kube, req: Request, slots: Slots, slot: Slot, host: Host, user: str) -> None:
+def _undo(kube: Kube, req: Request, slots: Slots, slot: Slot, host: Host, user: str
+          ) -> tuple[bool, int]:
+    """Remove the user, then free the slot: (done, SSH round trips)."""
     try:
-        remove_users(kube, req.controller_namespace, host, [user])
+        trips = remove_users(kube, req.controller_namespace, host, [user])
     except (HostError, ValueError) as e:
         # The slot stays so the sweep retries removing the user later.
         log.event("could not remove user; slot kept for the sweep", level="warning",
                   host=host.name, user=user, error=str(e))
-        return
+        return False, 0
     slots.release(slot)
+    return True, trips
+
+
+def _give_back(kube: Kube, req: Request) -> int:
+    """Free the slots (and their users) a done build still holds from an earlier attempt.
+
+    What cannot be removed now (host down, pool unreadable) stays for the sweep.
+    """
+    slots = Slots(kube, req.controller_namespace)
+    slots.dequeue(req.taskrun_uid)
+    held = slots.held_by(req.taskrun_uid)
+    if not held:
+        return 0
+    try:
+        pool = load_pool(kube, req.controller_namespace, req.pool_configmap)
+    except PoolError as e:
+        log.event("host pool unreadable; slots kept for the sweep", level="warning",
+                  error=str(e), uid=req.taskrun_uid)
+        return 0
+    trips = 0
+    for s in held:
+        host = pool.host(s.host)
+        if host is None:
+            log.event("host not in the pool; slot kept", level="warning", host=s.host,
+                      uid=req.taskrun_uid)
+            continue
+        ok, n = _undo(kube, req, slots, s, host, s.holder.user)
+        trips += n
+        if ok:
+            log.event("build done: user removed, slot released", host=s.host, slot=s.index,
+                      user=s.holder.user, uid=req.taskrun_uid)
+    return trips
