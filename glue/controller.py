@@ -26,9 +26,8 @@ import os
 import threading
 import time
 
-import yaml
-
 from mpc.runner import contract as c
+from mpc.runner import hostpool
 
 from . import detect, kube as k, objects
 from .config import Config
@@ -60,15 +59,20 @@ class Build:
 
 
 class Pool:
-    """allowedNamespaces and platforms from the host pool ConfigMap (read, briefly cached)."""
+    """The host pool as mpc.runner.hostpool reads it, like the provisioning run does:
+    ConfigMap ``name``, else Konflux's host-config (read, briefly cached).
+
+    ``get()`` gives (pool, []) or, for a missing or invalid pool, (None, errors):
+    a pool that cannot be read as a whole never means "every namespace allowed".
+    """
 
     def __init__(self, kube: Kube, namespace: str, name: str, ttl: float = 15.0):
         self.kube, self.namespace, self.name, self.ttl = kube, namespace, name, ttl
         self._at = -1e9
-        self._value: tuple[set[str] | None, set[str]] = (None, set())
+        self._value: tuple[hostpool.Pool | None, list[str]] = (None, [])
         self._lock = threading.Lock()
 
-    def get(self) -> tuple[set[str] | None, set[str]]:
+    def get(self) -> tuple[hostpool.Pool | None, list[str]]:
         with self._lock:
             if time.monotonic() - self._at < self.ttl:
                 return self._value
@@ -76,28 +80,17 @@ class Pool:
             self._at = time.monotonic()
             return self._value
 
-    def _read(self) -> tuple[set[str] | None, set[str]]:
-        cm = self.kube.get(k.configmap(self.namespace, self.name))
-        if cm is not None:
-            doc = yaml.safe_load((cm.get("data") or {}).get(c.POOL_KEY) or "") or {}
-            if not isinstance(doc, dict):
-                return None, set()
-            allowed = doc.get("allowedNamespaces")
-            platforms = {h.get("platform") for h in doc.get("hosts") or () if isinstance(h, dict)}
-            platforms |= set(doc.get("localPlatforms") or ())
-            return (set(map(str, allowed)) if isinstance(allowed, list) else None,
-                    {str(p) for p in platforms if p})
-        cm = self.kube.get(k.configmap(self.namespace, c.KONFLUX_CONFIGMAP))
-        if cm is None:
-            return None, set()
-        data = cm.get("data") or {}
-        allowed_s = data.get("allowed-namespaces")
-        allowed = {n.strip() for n in allowed_s.split(",") if n.strip()} if allowed_s else None
-        platforms = {v for key, v in data.items() if key.startswith("host.")
-                     and key.endswith(".platform")}
-        platforms |= {p.strip() for p in (data.get("local-platforms") or "").split(",")
-                      if p.strip()}
-        return allowed, platforms
+    def _read(self) -> tuple[hostpool.Pool | None, list[str]]:
+        for name in dict.fromkeys([self.name, c.KONFLUX_CONFIGMAP]):
+            cm = self.kube.get(k.configmap(self.namespace, name))
+            if cm is None:
+                continue
+            where = f"ConfigMap {self.namespace}/{name}"
+            try:
+                return hostpool.from_configmap_data(where, cm.get("data")), []
+            except hostpool.PoolError as e:
+                return None, [f"{where}: {m}" for m in e.errors]
+        return None, [f"no host pool: ConfigMap {self.namespace}/{self.name} not found"]
 
 
 class Controller:
@@ -396,18 +389,22 @@ class Controller:
             self._decision("provisioning run created", b, uid, run=run)
         if ok is None:
             # Posted again (idempotent names) after a restart right after creation.
-            allowed, _ = self._pool()
+            pool, pool_errors = self._pool()
             self._event(b, uid, "ProvisioningStarted",
                         f"Started PipelineRun {self.ns}/{run} to provision a {platform} host",
                         warning=False)
-            if allowed is not None and b.namespace not in allowed and \
-                    "NamespaceNotAllowed" not in (b.reported or ()):
+            if (pool_errors or (pool is not None and not pool.namespace_allowed(b.namespace))) \
+                    and "NamespaceNotAllowed" not in (b.reported or ()):
                 self.metrics.not_allowed.labels(self.metrics.platform(platform)).inc()
-                self._decision("namespace not allowed", b, uid, run=run)
+                self._decision("namespace not allowed", b, uid, run=run,
+                               **({"poolErrors": pool_errors} if pool_errors else {}))
+                why = (f"Namespace {b.namespace} is not in allowedNamespaces of the host "
+                       f"pool ({self.ns}/{self.cfg.pool_configmap})" if not pool_errors else
+                       f"No namespace may use the host pool while it is invalid: "
+                       f"{'; '.join(pool_errors)}")
                 self._event(b, uid, "NamespaceNotAllowed",
-                            f"Namespace {b.namespace} is not in allowedNamespaces of the host "
-                            f"pool ({self.ns}/{self.cfg.pool_configmap}); the build gets an "
-                            f"error secret instead of a host", warning=True)
+                            f"{why}; the build gets an error secret instead of a host",
+                            warning=True)
         else:
             if ok is True:
                 self._event(b, uid, "Provisioned", f"PipelineRun {self.ns}/{run} succeeded",
@@ -418,19 +415,26 @@ class Controller:
                             f"({detect.condition_reason(pr) or 'no reason'}); see its logs in "
                             f"namespace {self.ns}", warning=True)
         with self.lock:
-            b.provision = state
+            # The PipelineRun watch may have reported a newer state while the Events
+            # were posted (it re-queued the build then): never overwrite it.
+            if b.provision == known:
+                b.provision = state
             b.active = True
 
-    def _pool(self) -> tuple[set[str] | None, set[str]]:
+    def _pool(self) -> tuple[hostpool.Pool | None, list[str]]:
         try:
-            allowed, known = self.pool.get()
-        except (ApiError, yaml.YAMLError) as e:
+            pool, errors = self.pool.get()
+        except ApiError as e:
             self.metrics.errors.labels("pool_read").inc()
             log.warning("cannot read the host pool; not checking namespaces here "
                         "(the provisioning run checks again)", extra={"fields": {"error": str(e)}})
-            return None, set()
-        self.metrics.platform.set_known(known)
-        return allowed, known
+            return None, []
+        if errors:
+            self.metrics.errors.labels("pool_invalid").inc()
+            log.warning("host pool invalid: no namespace is allowed, builds get an error "
+                        "secret", extra={"fields": {"errors": errors}})
+        self.metrics.platform.set_known(pool.platforms if pool is not None else ())
+        return pool, errors
 
     def _release(self, uid: str, b: Build, tr: dict, tr_path: str) -> None:
         b.active = False
