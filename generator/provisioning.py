@@ -64,9 +64,11 @@ class TaskDef:
             "env": self.env(),
             "computeResources": {"requests": {"cpu": "50m", "memory": "96Mi"},
                                  "limits": {"memory": "256Mi"}},
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 65532,
-                                "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]}},
+            # Pod Security "restricted", and no fixed uid: OpenShift's restricted-v2 (or
+            # a podTemplate) picks one; ssh then runs through nss_wrapper (runner/identity.py)
+            "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                                "seccompProfile": {"type": "RuntimeDefault"}},
             "script": SCRIPT.format(command=self.command),
         }]
         return {"apiVersion": "tekton.dev/v1", "kind": "Task",
@@ -93,7 +95,7 @@ PROVISION = TaskDef(
                 "writes the build's secret multi-platform-ssh-<TaskRun> (or its error form).",
     params=(*TR_PARAMS, PLATFORM, POOL_PARAM,
             Param("MAX_WAIT_SECONDS", "Override the pool's maxWaitSeconds (empty: use the pool).", "")),
-    results=(Result("outcome", "served, local, error or gone (the build TaskRun no longer exists)."),
+    results=(Result("outcome", "served, local, error or gone (the build TaskRun is finished or gone)."),
              Result("host", "Name of the host that serves the build (localhost for local).")),
 )
 ERROR_SECRET = TaskDef(
@@ -113,8 +115,8 @@ DEPROVISION = TaskDef(
 )
 SWEEP = TaskDef(
     name="mpc-sweep", command="sweep",
-    description="Removes slots whose build TaskRun is gone, u-* users no slot accounts for, and "
-                "stale queue entries. Safe to run at any time.",
+    description="Removes slots whose build TaskRun is finished or gone, u-* users no slot "
+                "accounts for, and stale queue entries. Safe to run at any time.",
     params=(POOL_PARAM,),
     results=(Result("removed-users", "How many users were removed."),),
 )
@@ -157,6 +159,19 @@ def provision_pipeline() -> dict:
             "params": _pass(*contract.PIPELINE_PARAMS) + [
                 {"name": "PIPELINERUN", "value": "$(context.pipelineRun.name)"},
                 {"name": "PROVISION_STATUS", "value": "$(tasks.provision.status)"}]}]})
+
+
+def provision_failed_pipeline() -> dict:
+    return _pipeline(
+        contract.PROVISION_FAILED_PIPELINE,
+        "Writes the build's error secret after its provisioning run ended without success "
+        "and without answering (cancelled, or its finally could not run). Never overwrites "
+        "an answer already written.",
+        (*TR_PARAMS, PLATFORM,
+         Param("PIPELINERUN", "The provisioning PipelineRun that failed."),
+         Param("PROVISION_STATUS", "How it ended (its Succeeded reason, e.g. Cancelled).")),
+        tasks=[{"name": "error-secret", "taskRef": _ref(ERROR_SECRET.name),
+                "params": _pass(*contract.PIPELINE_PARAMS, "PIPELINERUN", "PROVISION_STATUS")}])
 
 
 def deprovision_pipeline() -> dict:
@@ -253,7 +268,7 @@ def documents(image: str = RUNNER_IMAGE, namespace: str = "mpc") -> list[Emitted
     for t in TASKS:
         out.append(Emitted(f"{t.name}/{VERSION}/{t.name}.yaml", t.task(image)))
         out.append(Emitted(f"{t.name}/{VERSION}/README.md", readme(t), "text"))
-    for p in (provision_pipeline(), deprovision_pipeline()):
+    for p in (provision_pipeline(), provision_failed_pipeline(), deprovision_pipeline()):
         n = p["metadata"]["name"]
         out.append(Emitted(f"pipelines/{n}/{VERSION}/{n}.yaml", p))
     out.append(Emitted("rbac/mpc-tasks.yaml", rbac(namespace)))

@@ -67,7 +67,6 @@ class Config:
     instance: str = "mpc-glue"
     pipeline_bundle: str | None = None
     sweep_bundle: str | None = None
-    provision_timeout: str = "2h"
     crash_after: str | None = None  # test hook, see main.py
 
 
@@ -135,9 +134,6 @@ def parser() -> argparse.ArgumentParser:
     add("--sweep-bundle", "MPC_GLUE_SWEEP_BUNDLE",
         "Tekton bundle holding the mpc-sweep Task; unset: the Task installed in the "
         "controller namespace", default=d.sweep_bundle)
-    add("--provision-timeout", "MPC_GLUE_PROVISION_TIMEOUT",
-        "timeout of a provisioning PipelineRun; keep it above the pool's maxWaitSeconds",
-        default=d.provision_timeout)
     p.add_argument("--crash-after", default=_env("MPC_GLUE_CRASH_AFTER", None),
                    help=argparse.SUPPRESS)
     return p

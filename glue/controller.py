@@ -375,9 +375,13 @@ class Controller:
         pr = self.kube.get(k.pipelineruns(self.ns, run)) if known else None
         created = None
         if pr is None:
+            # Tekton's timeouts follow the pool's queue bound (plus the work), so Tekton never
+            # cancels a run that may still be waiting, and its error-secret finally always runs
+            pool, _ = self._pool()
+            max_wait = (pool or hostpool.Pool()).max_wait_seconds
             created = self.kube.create(k.pipelineruns(self.ns), objects.provision_run(
                 self.ns, self.cfg.tasks_service_account, b.namespace, b.name, uid, platform,
-                bundle=self.cfg.pipeline_bundle, timeout=self.cfg.provision_timeout))
+                bundle=self.cfg.pipeline_bundle, max_wait_seconds=max_wait))
             self._step("provision-created")
             if created is None:  # it existed (restart): learn its state instead
                 pr = self.kube.get(k.pipelineruns(self.ns, run))
@@ -410,9 +414,16 @@ class Controller:
                 self._event(b, uid, "Provisioned", f"PipelineRun {self.ns}/{run} succeeded",
                             warning=False)
             elif ok is False:
+                reason = detect.condition_reason(pr) or "Failed"
+                # its finally wrote the error secret, unless the run was cancelled or the
+                # finally could not run: make sure the waiting build gets an answer
+                if self.kube.create(k.pipelineruns(self.ns), objects.provision_failed_run(
+                        self.ns, self.cfg.tasks_service_account, b.namespace, b.name, uid,
+                        platform, run, reason, bundle=self.cfg.pipeline_bundle)) is not None:
+                    self._decision("provisioning failed; error-secret run created", b, uid,
+                                   run=c.provision_failed_run_name(uid), reason=reason)
                 self._event(b, uid, "ProvisioningFailed",
-                            f"PipelineRun {self.ns}/{run} failed "
-                            f"({detect.condition_reason(pr) or 'no reason'}); see its logs in "
+                            f"PipelineRun {self.ns}/{run} failed ({reason}); see its logs in "
                             f"namespace {self.ns}", warning=True)
         with self.lock:
             # The PipelineRun watch may have reported a newer state while the Events
@@ -509,7 +520,8 @@ class Controller:
 
     def _collect_runs(self, uid: str, b: Build) -> None:
         """The build no longer holds us: delete its successful runs now."""
-        for name in (c.provision_run_name(uid), c.deprovision_run_name(uid)):
+        for name in (c.provision_run_name(uid), c.provision_failed_run_name(uid),
+                     c.deprovision_run_name(uid)):
             p = k.pipelineruns(self.ns, name)
             pr = self.kube.get(p)
             if pr is not None and detect.succeeded(pr) is True:

@@ -17,6 +17,7 @@ DEFAULT_NAMESPACE = "mpc"  # the namespace the generated Tasks RBAC (tasks/rbac)
 ANN_CANCEL_REQUESTED = f"{c.DOMAIN}/cancel-requested-at"
 
 ROLE_PROVISION = "provision"
+ROLE_PROVISION_FAILED = "provision-failed"
 ROLE_DEPROVISION = "deprovision"
 ROLE_SWEEP = "sweep"
 
@@ -49,8 +50,24 @@ def ref(kind: str, name: str, bundle: str | None) -> dict:
         {"name": "kind", "value": kind}]}
 
 
+# A provisioning run's time budget beyond the queue: host failover, user creation, the
+# secret write (each SSH step has its own 10 s connect and 300 s command bound).
+PROVISION_WORK_SECONDS = 900
+# The finally (error secret) gets its own budget: Tekton runs it when timeouts.tasks
+# expires, but cancels it with everything else when timeouts.pipeline does.
+PROVISION_FINALLY_SECONDS = 300
+
+
+def provision_timeouts(max_wait_seconds: int) -> dict:
+    """Tekton timeouts that agree with the pool: the provision task may queue for
+    ``maxWaitSeconds`` and then work; the error-secret finally always has time left."""
+    tasks = int(max_wait_seconds) + PROVISION_WORK_SECONDS
+    return {"pipeline": f"{tasks + PROVISION_FINALLY_SECONDS}s", "tasks": f"{tasks}s",
+            "finally": f"{PROVISION_FINALLY_SECONDS}s"}
+
+
 def provision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
-                  platform: str, bundle: str | None = None, timeout: str = "2h") -> dict:
+                  platform: str, bundle: str | None = None, max_wait_seconds: int = 3600) -> dict:
     return {
         "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
         "metadata": {
@@ -63,8 +80,29 @@ def provision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: s
             "params": [{"name": k, "value": v} for k, v in zip(
                 c.PIPELINE_PARAMS, (name, namespace, uid, platform))],
             "taskRunTemplate": {"serviceAccountName": sa},
-            # a build may queue for a slot up to the pool's maxWaitSeconds (default 1h)
-            "timeouts": {"pipeline": timeout},
+            "timeouts": provision_timeouts(max_wait_seconds),
+        },
+    }
+
+
+def provision_failed_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
+                         platform: str, failed_run: str, status: str,
+                         bundle: str | None = None) -> dict:
+    """Answers a build whose provisioning run ended without success: its error secret,
+    unless an answer exists (a cancelled run never runs its error-secret finally)."""
+    return {
+        "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
+        "metadata": {
+            "name": c.provision_failed_run_name(uid), "namespace": controller_ns,
+            "labels": _labels(ROLE_PROVISION_FAILED, uid, namespace),
+            "annotations": {c.ANN_TASKRUN_NAME: name, c.ANN_PLATFORM: platform},
+        },
+        "spec": {
+            "pipelineRef": ref("pipeline", c.PROVISION_FAILED_PIPELINE, bundle),
+            "params": [{"name": k, "value": v} for k, v in zip(
+                (*c.PIPELINE_PARAMS, "PIPELINERUN", "PROVISION_STATUS"),
+                (name, namespace, uid, platform, failed_run, status))],
+            "taskRunTemplate": {"serviceAccountName": sa},
         },
     }
 

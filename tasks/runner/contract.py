@@ -46,6 +46,9 @@ KONFLUX_CONFIGMAP = "host-config"               # flat Konflux MPC keys are acce
 # --- Pipelines the watcher instantiates (params agreed with the generator) -------
 PROVISION_PIPELINE = "mpc-provision"
 DEPROVISION_PIPELINE = "mpc-deprovision"
+# started by the watcher when a provisioning run ended without success and the build still
+# waits: writes the error secret if nothing did (a cancelled run skips its finally)
+PROVISION_FAILED_PIPELINE = "mpc-provision-failed"
 SWEEP_TASK = "mpc-sweep"
 PIPELINE_PARAMS = ("TASKRUN_NAME", "TASKRUN_NAMESPACE", "TASKRUN_UID", "PLATFORM")
 DEPROVISION_PARAMS = ("TASKRUN_NAME", "TASKRUN_NAMESPACE", "TASKRUN_UID")
@@ -68,6 +71,10 @@ def provision_run_name(taskrun_uid: str) -> str:
 
 def deprovision_run_name(taskrun_uid: str) -> str:
     return f"mpc-deprovision-{taskrun_uid}"
+
+
+def provision_failed_run_name(taskrun_uid: str) -> str:
+    return f"mpc-provision-failed-{taskrun_uid}"
 
 
 def build_user(namespace: str, taskrun_name: str, taskrun_uid: str) -> str:
