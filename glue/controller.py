@@ -374,10 +374,10 @@ class Controller:
             return
         pr = self.kube.get(k.pipelineruns(self.ns, run)) if known else None
         created = None
+        pool, pool_errors = self._pool() if pr is None else (None, [])
         if pr is None:
             # Tekton's timeouts follow the pool's queue bound (plus the work), so Tekton never
             # cancels a run that may still be waiting, and its error-secret finally always runs
-            pool, _ = self._pool()
             max_wait = (pool or hostpool.Pool()).max_wait_seconds
             created = self.kube.create(k.pipelineruns(self.ns), objects.provision_run(
                 self.ns, self.cfg.tasks_service_account, b.namespace, b.name, uid, platform,
@@ -393,7 +393,8 @@ class Controller:
             self._decision("provisioning run created", b, uid, run=run)
         if ok is None:
             # Posted again (idempotent names) after a restart right after creation.
-            pool, pool_errors = self._pool()
+            if pr is not None:     # a restart found the run in flight: check the pool now
+                pool, pool_errors = self._pool()
             self._event(b, uid, "ProvisioningStarted",
                         f"Started PipelineRun {self.ns}/{run} to provision a {platform} host",
                         warning=False)
