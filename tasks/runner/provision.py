@@ -139,7 +139,8 @@ def provision(kube: Kube, req: Request, poll: float = 0.5) -> Outcome:
         return _fail(kube, taskrun, f"namespace {req.taskrun_namespace} is not allowed to use "
                      f"mpc build hosts; allowed namespaces: {', '.join(pool.allowed_namespaces) or 'none'}. "
                      "Ask the platform team to add it to allowedNamespaces in the host pool.")
-    if not PLATFORM_RE.match(req.platform):
+    # local platforms first: Konflux pools list bare `local`/`localhost`, which builds pass
+    if req.platform not in pool.local_platforms and not PLATFORM_RE.match(req.platform):
         return _fail(kube, taskrun, f"invalid PLATFORM {req.platform!r}: expected <os>/<arch> "
                      "such as linux/arm64. Fix the PLATFORM param of the build.")
     if req.platform in pool.local_platforms:

@@ -1,6 +1,8 @@
 """Builds get hosts: 2 hosts x 2 slots, real SSH logins, limited sudo, FIFO queueing."""
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import time
 from pathlib import Path
@@ -100,11 +102,13 @@ def test_deprovision_removes_user_slot_secret_and_is_idempotent(controller, kube
     assert second.returncode == 0
 
 
-def test_local_platform_gets_localhost(controller, kube, namespace, make_host):
+@pytest.mark.parametrize("platform", ["linux/amd64", "local", "localhost"])
+def test_local_platform_gets_localhost(controller, kube, namespace, make_host, platform):
+    """Konflux pools list bare `local` and `localhost` too, and builds really pass them."""
     h = make_host()
-    controller.install_pool([h], localPlatforms=["linux/amd64"])
-    tr = make_taskrun(kube, namespace, platform="linux/amd64")
-    r = controller.provision(tr, platform="linux/amd64")
+    controller.install_pool([h], localPlatforms=["linux/amd64", "local", "localhost"])
+    tr = make_taskrun(kube, namespace, platform=platform)
+    r = controller.provision(tr, platform=platform)
     assert r.results["outcome"] == "local"
     assert read_secret(kube, tr) == {"host": "localhost"}
     assert controller.leases("slot") == []
