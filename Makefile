@@ -15,7 +15,8 @@ PYTEST_ARGS ?=
 APT_PACKAGES := debootstrap rsync zstd iproute2 openssh-client \
 	podman buildah skopeo runc crun netavark uidmap fuse-overlayfs \
 	docker-registry etcd-server etcd-client \
-	containerd containernetworking-plugins busybox-static nftables iptables socat
+	containerd containernetworking-plugins busybox-static nftables iptables socat \
+	libnss-wrapper util-linux
 
 .PHONY: help
 help: ## list the targets

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from .hostpool import Host
+from .identity import ssh_env
 
 CONNECT_TIMEOUT = 10
 # ssh exits 255 for its own errors (refused, unreachable, auth, host key)
@@ -45,6 +46,7 @@ class Session:
 
     host: Host
     dir: Path
+    env: dict[str, str] | None = None     # for the ssh child (see identity.ssh_env)
     round_trips: int = 0
 
     @property
@@ -77,7 +79,7 @@ class Session:
             self.round_trips += 1
             try:
                 p = subprocess.run([*self.argv(), "bash -s"], input=text, capture_output=True,
-                                   text=True, timeout=timeout)
+                                   text=True, timeout=timeout, env=self.env)
             except subprocess.TimeoutExpired:
                 raise HostError(self.host.name, f"timed out after {timeout:.0f}s") from None
             if p.returncode == 0:
@@ -103,7 +105,7 @@ class open_session:  # noqa: N801 - used as a context manager, reads like a func
         key.write_bytes(self.admin_key if self.admin_key.endswith(b"\n") else self.admin_key + b"\n")
         key.chmod(0o600)
         (d / "known_hosts").write_text((self.host.known_hosts_line or "") + "\n")
-        return Session(self.host, d)
+        return Session(self.host, d, env=ssh_env(d))
 
     def __exit__(self, *exc) -> None:
         self._tmp.cleanup()

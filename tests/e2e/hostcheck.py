@@ -24,9 +24,10 @@ KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic",
                    "kernel.keys.root_maxbytes")
 NET_SYSCTLS = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
 
-# other concurrent sessions' SSH test hosts (tests/infra/sshhosts.py)
+# other concurrent sessions' SSH test hosts (tests/infra/sshhosts.py: netns, veth and cgroup
+# subtree ``mpc<session>h<i>``, session any [a-z0-9]+; each farm proves its own teardown)
 # and the /run/netns bind mount `ip netns` makes and whoever deletes the last netns removes
-_OTHERS = re.compile(r"mv\d+h\d+|mpc\d+h\d+|192\.168\.2[0-4]\d\.|/dev/shm/mpc-hosts-"
+_OTHERS = re.compile(r"mv[a-z0-9]+h\d+|mpc[a-z0-9]+h\d+|192\.168\.2[0-4]\d\.|/dev/shm/mpc-hosts-"
                      r"|mpc-test-subnets|^\S+ /run/netns \S+$")
 
 

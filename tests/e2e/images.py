@@ -88,14 +88,20 @@ def _busybox_files(scratch: Path) -> list[tuple[Path, str]]:
 
 def _tekton(binary: str) -> ImageSpec:
     src = paths.tekton_bin() / binary
+    # user 65532, as Tekton's released (ko, distroless) images: with set-security-context
+    # Tekton marks its init containers runAsNonRoot, which a root image would fail
     return ImageSpec(f"tekton-{binary}", [f"/ko-app/{binary}"],
-                     lambda _s: [(src, f"/ko-app/{binary}")], lambda: [src])
+                     lambda _s: [(src, f"/ko-app/{binary}")], lambda: [src], user="65532:65532")
 
 
 PAUSE = ImageSpec("pause", ["/pause"], _pause_files, lambda: [ASSETS / "pause.go"], env={})
 BUSYBOX = ImageSpec("busybox", ["/bin/sh"], _busybox_files, lambda: [Path("/bin/busybox")])
+# Tekton's -shell-image (place-scripts): non-root like the released default, which
+# set-security-context's runAsNonRoot on init containers requires
+SHELL = ImageSpec("tekton-shell", ["/bin/sh"], _busybox_files, lambda: [Path("/bin/busybox")],
+                  user="65532:65532")
 TEKTON = {b: _tekton(b) for b in ("entrypoint", "nop", "workingdirinit", "sidecarlogresults")}
-NODE_IMAGES = [PAUSE, BUSYBOX, *TEKTON.values()]
+NODE_IMAGES = [PAUSE, BUSYBOX, SHELL, *TEKTON.values()]
 
 
 def build(spec: ImageSpec, nsx: Sequence[str], workdir: Path) -> Path:
@@ -149,7 +155,8 @@ def build(spec: ImageSpec, nsx: Sequence[str], workdir: Path) -> Path:
 # (debootstrap once, cached; same mirror and .deb cache as the SSH-host rootfs), the
 # mpc sources, and the installed distributions mpc depends on copied from this venv
 # (CPython 3.11 on bookworm here and there, so their compiled modules load).
-RUNNER_PACKAGES = ("python3", "openssh-client")
+# libnss-wrapper: ssh under whatever uid the pod gets (mpc.runner.identity)
+RUNNER_PACKAGES = ("python3", "openssh-client", "libnss-wrapper")
 RUNNER_REF_NAME, RUNNER_TAG = "mpc/task-runner", "0.1"   # what tasks/mpc-*/ name
 
 

@@ -67,6 +67,9 @@ REGISTRY_PORT = 5000
 REGISTRY = f"{NODE_IP}:{REGISTRY_PORT}"    # how pods and Tekton's resolvers name the registry
 TEKTON_NS = "tekton-pipelines"
 RESOLVERS_NS = "tekton-pipelines-resolvers"
+# Tekton's feature flags as a cluster admin installing mpc sets them: Tekton's own init
+# containers get a restricted securityContext, so namespace mpc can enforce "restricted"
+FEATURE_FLAGS = {"set-security-context": "true"}
 GLOBAL = Path("/run/mpc-e2e")               # cross-instance bookkeeping (sysctls)
 CGROUP_FS = Path("/sys/fs/cgroup")
 INSTALL_MARKER = "mpc-e2e-installed"
@@ -608,7 +611,8 @@ oom_score = 0
         skip = {"controller.yaml", "webhook.yaml", "webhook-hpa.yaml", "events.yaml",
                 "resolvers-deployment.yaml"}   # Deployments: these run as host processes
         files = sorted(p for p in cfg.rglob("*.yaml") if p.name not in skip)
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)
+                                + repr(FEATURE_FLAGS).encode()).hexdigest()[:16]
         try:
             marker = core.read_namespaced_config_map(INSTALL_MARKER, TEKTON_NS)
             if (marker.data or {}).get("config") == digest:
@@ -660,6 +664,7 @@ oom_score = 0
         # the bundles resolver (and its feature flag) must be on for `resolver: bundles`
         core.patch_namespaced_config_map("resolvers-feature-flags", RESOLVERS_NS,
                                          {"data": {"enable-bundles-resolver": "true"}})
+        core.patch_namespaced_config_map("feature-flags", TEKTON_NS, {"data": FEATURE_FLAGS})
         ext = client.ApiextensionsV1Api(api)
 
         def established() -> bool:
@@ -714,7 +719,7 @@ oom_score = 0
             "-entrypoint-image", img["entrypoint"].ref, "-nop-image", img["nop"].ref,
             "-sidecarlogresults-image", img["sidecarlogresults"].ref,
             "-workingdirinit-image", img["workingdirinit"].ref,
-            "-shell-image", images.BUSYBOX.ref, "-shell-image-win", images.BUSYBOX.ref], env={
+            "-shell-image", images.SHELL.ref, "-shell-image-win", images.SHELL.ref], env={
             **common, "SYSTEM_NAMESPACE": TEKTON_NS, "METRICS_DOMAIN": "tekton.dev/pipeline",
             "KUBECONFIG": str(self._sa_kubeconfig(TEKTON_NS, "tekton-pipelines-controller")),
             "CONFIG_DEFAULTS_NAME": "config-defaults",

@@ -534,3 +534,115 @@ def test_deleting_the_pipelinerun_mid_build_leaves_nothing_on_the_hosts(mpc, e2e
                  lambda: not secret_exists(inst, ns, c.secret_name("doomed-build")))
     finally:
         drop_workspace(inst, ns)
+
+
+def _run_task_as(inst: Install, task: str, params: dict[str, str], run_as: int) -> dict:
+    """A TaskRun of one of mpc's Tasks from its bundle, in namespace mpc, as ``run_as``
+    (what OpenShift's restricted-v2 does: a uid no image knows, gid 0)."""
+    name = f"{task}-uid{run_as}-{uuid.uuid4().hex[:5]}"
+    body = {"apiVersion": "tekton.dev/v1", "kind": "TaskRun",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"serviceAccountName": c.TASKS_SERVICE_ACCOUNT,
+                     "taskRef": {"resolver": "bundles", "params": [
+                         {"name": "bundle", "value": inst.bundles[f"task-{task}"]},
+                         {"name": "name", "value": task}, {"name": "kind", "value": "task"}]},
+                     "params": [{"name": k, "value": v} for k, v in params.items()],
+                     "podTemplate": {"securityContext": {"runAsUser": run_as, "runAsGroup": 0}}}}
+    _co(inst.kube).create_namespaced_custom_object("tekton.dev", "v1", NS, "taskruns", body)
+    return wait_done(inst, NS, "taskruns", name)
+
+
+def test_provisioning_runs_under_an_arbitrary_uid_in_a_restricted_namespace(mpc, e2e_namespace):
+    """Namespace mpc enforces Pod Security "restricted" (as shipped); the provisioning and
+    deprovisioning Tasks run under a random uid that has no passwd entry in the image, and
+    their ssh still reaches the host (nss_wrapper), so a build gets a working secret."""
+    inst, ns = mpc, e2e_namespace
+    labels = client.CoreV1Api(inst.kube).read_namespace(NS).metadata.labels
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    # a build-shaped TaskRun the watcher ignores (no PLATFORM param): its pod waits for the secret
+    build = f"uid-build-{uuid.uuid4().hex[:6]}"
+    tr = _co(inst.kube).create_namespaced_custom_object("tekton.dev", "v1", ns, "taskruns", {
+        "apiVersion": "tekton.dev/v1", "kind": "TaskRun", "metadata": {"name": build},
+        "spec": {"taskSpec": {
+            "volumes": [{"name": "ssh", "secret": {"secretName": c.secret_name(build)}}],
+            "steps": [{"name": "show", "image": BUSYBOX,
+                       "volumeMounts": [{"name": "ssh", "mountPath": "/ssh"}],
+                       "script": "#!/bin/sh\ncat /ssh/host\n"}]}}})
+    ids = {"TASKRUN_NAME": build, "TASKRUN_NAMESPACE": ns, "TASKRUN_UID": tr["metadata"]["uid"]}
+    run_as = 100000 + int.from_bytes(os.urandom(3), "big")
+    prov = _run_task_as(inst, "mpc-provision", {**ids, "PLATFORM": PLATFORM}, run_as)
+    assert _cond(prov).get("status") == "True", (_cond(prov), step_log(inst, NS, prov, "provision"))
+    outcome = {r["name"]: r["value"] for r in prov["status"].get("results", [])}
+    assert outcome["outcome"] == "served", outcome
+    host = next(h for h in inst.hosts if h.name == outcome["host"])
+    user = c.build_user(ns, build, tr["metadata"]["uid"])
+    assert user in host.users()
+    pod = client.CoreV1Api(inst.kube).read_namespaced_pod(prov["status"]["podName"], NS)
+    assert pod.spec.security_context.run_as_user == run_as
+    done = wait_done(inst, ns, "taskruns", build)
+    assert _cond(done).get("status") == "True", _cond(done)
+    assert f"{user}@{host.address}" in step_log(inst, ns, done, "show")
+
+    dep = _run_task_as(inst, "mpc-deprovision", ids, run_as + 1)
+    assert _cond(dep).get("status") == "True", (_cond(dep), step_log(inst, NS, dep, "deprovision"))
+    assert user not in host.users()
+    assert not secret_exists(inst, ns, c.secret_name(build))
+    assert not [s for s in inst.slots() if s.startswith(f"mpc-slot-{host.name}-")]
+
+
+def test_a_cancelled_provisioning_run_still_gives_the_build_an_error_secret(mpc, e2e_namespace,
+                                                                           host_farm):
+    """A provisioning run cancelled with status Cancelled skips its error-secret finally
+    (Tekton); the watcher's mpc-provision-failed run answers the build all the same, with
+    the cause in the message, so the build fails fast instead of hanging."""
+    inst, ns = mpc, e2e_namespace
+    core = client.CoreV1Api(inst.kube)
+    # a linux/s390x host that accepts TCP but never speaks SSH (its sshd is stopped with
+    # SIGSTOP): the provisioning step keeps retrying it, so it is surely running when cancelled
+    h = e2e_hosts.move_into_node(host_farm.add(), inst.node)
+    pool_cm = core.read_namespaced_config_map(c.HOST_POOL_CONFIGMAP, NS)
+    before = pool_cm.data[c.POOL_KEY]
+    pool = yaml.safe_load(before)
+    core.create_namespaced_secret(NS, client.V1Secret(
+        metadata=client.V1ObjectMeta(name=f"admin-{h.name}"),
+        data={"id_rsa": base64.b64encode(h.admin_key).decode()}))
+    pool["hosts"].append({"name": h.name, "address": h.address, "user": h.admin_user,
+                          "secret": f"admin-{h.name}", "platform": "linux/s390x",
+                          "concurrency": 1, "hostKey": h.host_public_key})
+    core.patch_namespaced_config_map(c.HOST_POOL_CONFIGMAP, NS,
+                                     {"data": {c.POOL_KEY: yaml.safe_dump(pool)}})
+    os.kill(h.sshd_pid(), signal.SIGSTOP)
+    name = "cancel-me"
+    try:
+        tr = _co(inst.kube).create_namespaced_custom_object("tekton.dev", "v1", ns, "taskruns", {
+            "apiVersion": "tekton.dev/v1", "kind": "TaskRun", "metadata": {"name": name},
+            "spec": {"params": [{"name": c.PLATFORM_PARAM, "value": "linux/s390x"}],
+                     "taskSpec": {
+                         "params": [{"name": c.PLATFORM_PARAM, "type": "string"}],
+                         "volumes": [{"name": "ssh", "secret": {"secretName": c.secret_name(name)}}],
+                         "steps": [{"name": "build", "image": BUSYBOX,
+                                    "volumeMounts": [{"name": "ssh", "mountPath": "/ssh"}],
+                                    "script": "#!/bin/sh\ncat /ssh/error; exit 1\n"}]}}})
+        uid = tr["metadata"]["uid"]
+        run = c.provision_run_name(uid)
+        # cancel once its provision step is really running (stuck on the silent host)
+        wait_for("the provision step running", lambda: any(
+            (t.get("status") or {}).get("steps", [{}])[0].get("running")
+            for t in _co(inst.kube).list_namespaced_custom_object(
+                "tekton.dev", "v1", NS, "taskruns",
+                label_selector=f"tekton.dev/pipelineRun={run}")["items"]))
+        _co(inst.kube).patch_namespaced_custom_object(
+            "tekton.dev", "v1", NS, "pipelineruns", run, {"spec": {"status": "Cancelled"}})
+        pr = wait_done(inst, NS, "pipelineruns", run)
+        assert _cond(pr).get("reason") == "Cancelled", _cond(pr)
+        done = wait_done(inst, ns, "taskruns", name)
+        assert _cond(done).get("status") == "False"
+        msg = base64.b64decode(core.read_namespaced_secret(
+            c.secret_name(name), ns).data[c.KEY_ERROR]).decode() \
+            if secret_exists(inst, ns, c.secret_name(name)) else step_log(inst, ns, done, "build")
+        assert run in msg and "Cancelled" in msg, msg
+    finally:
+        os.kill(h.sshd_pid(), signal.SIGCONT)
+        core.patch_namespaced_config_map(c.HOST_POOL_CONFIGMAP, NS, {"data": {c.POOL_KEY: before}})
+        core.delete_namespaced_secret(f"admin-{h.name}", NS)
+        h.destroy()

@@ -34,6 +34,20 @@ def test_tasks_follow_tektons_rules(path: Path):
         assert "$(context." not in step["script"]
 
 
+@pytest.mark.parametrize("path", ONLY_TASKS, ids=lambda p: p.parent.parent.name)
+def test_steps_meet_pod_security_restricted_without_a_fixed_uid(path: Path):
+    """Pod Security "restricted" (checked per container, as the admission plugin does), and
+    no runAsUser: OpenShift's restricted-v2 rejects a fixed uid outside its range."""
+    for step in yaml.safe_load(path.read_text())["spec"]["steps"]:
+        sc = step.get("securityContext") or {}
+        assert sc.get("runAsNonRoot") is True
+        assert sc.get("allowPrivilegeEscalation") is False
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"]
+        assert not sc.get("capabilities", {}).get("add")
+        assert sc.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost")
+        assert "runAsUser" not in sc and "privileged" not in sc
+
+
 def test_a_broken_task_is_caught():
     """The check above can fail: a script with $(params.*) and an unquoted var is rejected."""
     doc = provisioning.PROVISION.task(provisioning.RUNNER_IMAGE)
