@@ -67,6 +67,11 @@ class Config:
     instance: str = "mpc-glue"
     pipeline_bundle: str | None = None
     sweep_bundle: str | None = None
+    leader_elect: bool = False
+    leader_lease: str = "mpc-glue-leader"
+    lease_duration: float = 10.0
+    renew_deadline: float = 7.0
+    retry_period: float = 2.0
     crash_after: str | None = None  # test hook, see main.py
 
 
@@ -134,6 +139,20 @@ def parser() -> argparse.ArgumentParser:
     add("--sweep-bundle", "MPC_GLUE_SWEEP_BUNDLE",
         "Tekton bundle holding the mpc-sweep Task; unset: the Task installed in the "
         "controller namespace", default=d.sweep_bundle)
+    add("--leader-elect", "MPC_GLUE_LEADER_ELECT",
+        "run as one of several replicas: only the holder of the Lease --leader-lease in the "
+        "controller namespace works (see glue/leader.py)", default=d.leader_elect,
+        type=lambda v: str(v).lower() in ("1", "true", "yes"), nargs="?", const=True)
+    add("--leader-lease", "MPC_GLUE_LEADER_LEASE", "name of the leader election Lease",
+        default=d.leader_lease)
+    add("--lease-duration", "MPC_GLUE_LEASE_DURATION",
+        "a standby takes over this long after the leader last renewed", default="10s",
+        type=duration)
+    add("--renew-deadline", "MPC_GLUE_RENEW_DEADLINE",
+        "the leader stops (and exits) when it could not renew for this long", default="7s",
+        type=duration)
+    add("--retry-period", "MPC_GLUE_RETRY_PERIOD",
+        "how often the leader renews and a standby tries", default="2s", type=duration)
     p.add_argument("--crash-after", default=_env("MPC_GLUE_CRASH_AFTER", None),
                    help=argparse.SUPPRESS)
     return p
@@ -142,7 +161,10 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None) -> Config:
     a = parser().parse_args(argv)
     cfg = Config(**{k: v for k, v in vars(a).items()})
-    for k in ("retention", "gc_interval", "sweep_interval", "cancel_grace", "resync_period"):
+    if isinstance(cfg.leader_elect, str):
+        cfg.leader_elect = cfg.leader_elect.lower() in ("1", "true", "yes")
+    for k in ("retention", "gc_interval", "sweep_interval", "cancel_grace", "resync_period",
+              "lease_duration", "renew_deadline", "retry_period"):
         v = getattr(cfg, k)
         if isinstance(v, str):  # came from the environment: argparse does not convert defaults
             setattr(cfg, k, duration(v))
@@ -150,4 +172,6 @@ def parse(argv: list[str] | None = None) -> Config:
         setattr(cfg, k, int(getattr(cfg, k)))
     if cfg.workers < 1:
         raise SystemExit("mpc-glue: --workers must be at least 1")
+    if cfg.leader_elect and not cfg.retry_period < cfg.renew_deadline < cfg.lease_duration:
+        raise SystemExit("mpc-glue: need --retry-period < --renew-deadline < --lease-duration")
     return cfg

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from . import config, logs
 from .controller import Controller
 from .kube import Kube, load_api_client
+from .leader import LeaderElector
 
 log = logging.getLogger("mpc.glue")
 
@@ -59,11 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    elector = None
+    if cfg.leader_elect:
+        elector = LeaderElector(kube, cfg.namespace, cfg.leader_lease, cfg.instance,
+                                cfg.lease_duration, cfg.renew_deadline, cfg.retry_period)
+        if not elector.acquire(stop):          # a standby is healthy and ready meanwhile
+            srv.shutdown()
+            return 0
+        threading.Thread(target=elector.renew_until_lost, args=(stop,), name="leader",
+                         daemon=True).start()
+        threading.Thread(target=lambda: elector.lost.wait() and stop.set(), name="lost",
+                         daemon=True).start()
     ctrl.start()
     stop.wait()
     log.info("stopping")
     ctrl.stop()
     srv.shutdown()
+    if elector is not None:
+        if elector.lost.is_set():
+            return 1                           # restart as a candidate; never lead stale
+        elector.release()
     return 0
 
 

@@ -1,0 +1,70 @@
+"""Two watcher replicas with leader election (glue/leader.py), as the Deployment ships them:
+one works, the other takes over when the leader dies, nothing is lost or duplicated."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import yaml
+from kubernetes import client
+
+from mpc.runner import contract as c
+from tests.infra.procs import wait_for
+
+from .support import build_taskrun
+from .test_deploy import DEPLOY, _install_rbac, has_finalizer, kubectl, render
+
+LEASE = "mpc-glue-leader"
+
+
+def _holder(kube, ns: str) -> str:
+    lease = client.CoordinationV1Api(kube).read_namespaced_lease(LEASE, ns)
+    return (lease.spec.holder_identity or "") if lease.spec else ""
+
+
+def _runs(tekton, ctrl_ns: str, uid: str, role: str) -> list[str]:
+    return [p["metadata"]["name"] for p in tekton.list_pr(ctrl_ns)
+            if p["metadata"]["labels"].get(c.LABEL_TASKRUN_UID) == uid
+            and p["metadata"]["labels"].get(c.LABEL_ROLE) == role]
+
+
+def test_a_standby_takes_over_when_the_leader_is_killed(cluster, kube, tekton, watcher,
+                                                        namespace, ctrl_ns):
+    _install_rbac(cluster, kube, ctrl_ns, "-" + uuid.uuid4().hex[:6])
+    lease = next(d for d in render(cluster, DEPLOY) if d["kind"] == "Lease")
+    lease["metadata"]["namespace"] = ctrl_ns
+    kubectl(cluster, "apply", "-f", "-", input=yaml.safe_dump(lease))
+    kc = cluster.serviceaccount_kubeconfig(ctrl_ns, c.WATCHER_SERVICE_ACCOUNT)
+    args = ("--leader-elect", "--log-level", "debug")
+    ws = {f"replica-{i}": watcher(*args, "--instance", f"replica-{i}", kubeconfig=kc)
+          for i in range(2)}
+    for w in ws.values():
+        w.start().wait_ready()           # a standby is ready too: it serves probes
+    wait_for("a leader", lambda: _holder(kube, ctrl_ns) in ws, timeout=30)
+    leader = _holder(kube, ctrl_ns)
+    (standby,) = set(ws) - {leader}
+
+    uid1 = tekton.create_tr(namespace, build_taskrun("before"))["metadata"]["uid"]
+    wait_for("provisioning run 1", lambda: _runs(tekton, ctrl_ns, uid1, "provision"), timeout=30)
+
+    ws[leader].kill()                    # SIGKILL: no release, the lease must expire
+    t0 = time.monotonic()
+    wait_for("the standby leads", lambda: _holder(kube, ctrl_ns) == standby, timeout=60,
+             log=ws[standby].log)
+    print(f"\nleader handover after SIGKILL: {time.monotonic() - t0:.1f} s")
+
+    # the new leader carries on with the build it inherited and takes new ones
+    uid2 = tekton.create_tr(namespace, build_taskrun("after"))["metadata"]["uid"]
+    wait_for("provisioning run 2", lambda: _runs(tekton, ctrl_ns, uid2, "provision"), timeout=30)
+    tekton.finish_pr(ctrl_ns, c.provision_run_name(uid1), ok=True)
+    tekton.finish_tr(namespace, "before", ok=True)
+    wait_for("build 1 released by the new leader",
+             lambda: not has_finalizer(tekton.get_tr(namespace, "before")), timeout=30,
+             log=ws[standby].log)
+    assert _runs(tekton, ctrl_ns, uid1, "deprovision") == [c.deprovision_run_name(uid1)]
+    assert _runs(tekton, ctrl_ns, uid2, "provision") == [c.provision_run_name(uid2)]
+    assert has_finalizer(tekton.get_tr(namespace, "after"))
+
+    # a clean stop hands the lease back at once
+    assert ws[standby].stop() == 0
+    assert _holder(kube, ctrl_ns) == ""
