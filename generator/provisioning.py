@@ -194,7 +194,9 @@ def rbac(namespace: str = "mpc") -> list[dict]:
          "rules": [
              {"apiGroups": [""], "resources": ["secrets"],
               "verbs": ["get", "create", "update", "delete"]},
-             {"apiGroups": ["tekton.dev"], "resources": ["taskruns"], "verbs": ["get"]}]},
+             {"apiGroups": ["tekton.dev"], "resources": ["taskruns"], "verbs": ["get"]},
+             # Warning Events: a changed host key, on the build TaskRun and on the key's record
+             {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
          "metadata": {"name": sa},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": sa},
@@ -224,8 +226,34 @@ build TaskRun and labelled `build.mpc.dev/managed-by: mpc`:
 | `id_rsa` | fresh ed25519 private key (OpenSSH format), generated in the pod |
 | `host` | `<user>@<address>`, or `localhost` for a local platform |
 | `user-dir` | the build user's home on the host |
-| `known_hosts` | the host's pinned public key line |
+| `known_hosts` | the host's pinned public key line (pool `hostKey`, or recorded on first use) |
 | `error` | *instead of all the above*: why no host could be provided, and what to do |
+"""
+
+
+HOST_KEYS = f"""\
+## Host keys
+
+Every SSH connection (provisioning, deprovisioning, the sweep) pins the host's
+key. A pool entry with `hostKey` uses that key. A pool entry without it is
+trusted on first use: the first connection to it reads the key the host offers
+and records it once, in the controller namespace, as the Lease
+`mpc-hostkey-<host>-<hash of address:port>`
+(label `{contract.LABEL_ROLE}={contract.ROLE_HOST_KEY}`, annotations
+`{contract.ANN_HOST_KEY}` and `{contract.ANN_FINGERPRINT}`). When two runners
+record at the same time, exactly one record is kept and both use it. From then
+on every connection pins the recorded key, and so does the build's secret.
+
+A host that later offers another key is refused: provisioning tries the
+platform's other hosts and, when none can serve, writes the error secret with
+a message naming the host, its address, both fingerprints and what to do;
+deprovisioning and the sweep keep the slot, log the refusal and exit non-zero.
+A Warning Event `HostKeyChanged` is posted on the record (and, when
+provisioning, on the build TaskRun). Nothing is recorded over an existing
+record. After verifying the host's real key, the platform team either sets
+`hostKey` for the host in the pool, or deletes the record
+(`kubectl -n <controller namespace> delete lease mpc-hostkey-<host>-<hash>`) so
+the next connection records the key the host offers then.
 """
 
 
@@ -239,12 +267,14 @@ def readme(t: TaskDef) -> str:
     if t.results:
         lines += ["", "## Results", "", "| name | description |", "|---|---|"]
         lines += [f"| `{r.name}` | {r.description} |" for r in t.results]
-    lines += ["", SECRET_KEYS, "## RBAC", "",
+    lines += ["", SECRET_KEYS, HOST_KEYS, "## RBAC", "",
               f"Runs as ServiceAccount `{contract.TASKS_SERVICE_ACCOUNT}` in the controller "
               "namespace with exactly the rules in `tasks/rbac/mpc-tasks.yaml`:", "",
               "- cluster-wide: `secrets` get/create/update/delete (build secrets), "
-              "`tekton.dev/taskruns` get (is the build still there?)",
-              "- controller namespace: `leases` get/list/create/patch/delete (slots and queue), "
+              "`tekton.dev/taskruns` get (is the build still there?), `events` create "
+              "(Warning Events about a changed host key)",
+              "- controller namespace: `leases` get/list/create/patch/delete (slots, queue and "
+              "host keys recorded on first use), "
               "`configmaps` get (host pool), `tekton.dev/pipelineruns` get",
               "", "The admin SSH keys are Secrets in the controller namespace named by the pool.",
               "", "## Image", "",

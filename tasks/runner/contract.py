@@ -37,6 +37,10 @@ ANN_PLATFORM = f"{DOMAIN}/platform"             # contains '/': annotation
 ANN_USER = f"{DOMAIN}/user"
 ANN_ADDRESS = f"{DOMAIN}/address"
 ANN_ALLOCATED_AT = f"{DOMAIN}/allocated-at"
+ANN_PORT = f"{DOMAIN}/port"
+ANN_HOST_KEY = f"{DOMAIN}/host-key"             # 'ssh-ed25519 AAAA...' recorded on first use
+ANN_FINGERPRINT = f"{DOMAIN}/fingerprint"       # SHA256:... of ANN_HOST_KEY
+ROLE_HOST_KEY = "host-key"                      # LABEL_ROLE of a host key recorded on first use
 
 # --- the host pool ---------------------------------------------------------------
 HOST_POOL_CONFIGMAP = "mpc-host-pool"           # key POOL_KEY holds the YAML pool
@@ -91,6 +95,14 @@ USER_RE = re.compile(r"^u-[0-9a-f]{24}$")
 def slot_name(host: str, index: int) -> str:
     """The Lease that is slot ``index`` of ``host``: creating it is taking the slot."""
     return f"mpc-slot-{host}-{index}"
+
+
+def host_key_name(host: str, address: str, port: int) -> str:
+    """The Lease that records the key of a pool host without ``hostKey`` (trust on first use).
+
+    Keyed by host name and address:port: a host that moves gets a new record.
+    """
+    return f"mpc-hostkey-{host}-{_short(f'{address}:{port}', length=10)}"
 
 
 def waiter_name(taskrun_uid: str) -> str:

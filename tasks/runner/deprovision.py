@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 from kubernetes import client
 
-from . import buildsecret, contract, log
+from . import buildsecret, contract, hostkeys, log
 from .hostpool import Pool, PoolError
 from .kube import Kube
-from .poolsource import admin_key, load_pool
+from .poolsource import load_pool
 from .provision import build_state, remove_users
-from .remote import HostError, open_session, script
+from .remote import HostError, script
 from .slots import Slots
 
 
@@ -121,7 +121,7 @@ def deprovision(kube: Kube, controller_namespace: str, namespace: str, name: str
 
 
 def list_users(kube: Kube, namespace: str, host) -> list[str]:
-    with open_session(host, admin_key(kube, namespace, host)) as s:
+    with hostkeys.session(kube, namespace, host) as s:
         out = s.run(script("list-users.sh"))
     return [u for u in out.split() if contract.USER_RE.match(u)]
 

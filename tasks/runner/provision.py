@@ -16,11 +16,11 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from . import buildsecret, contract, log
+from . import buildsecret, contract, hostkeys, log
 from .hostpool import Host, Pool, PoolError
 from .kube import Kube
-from .poolsource import admin_key, load_pool
-from .remote import HostError, open_session, parse_output, script
+from .poolsource import load_pool
+from .remote import HostError, parse_output, script
 from .slots import Gone, Holder, Slot, Slots
 
 PLATFORM_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}/[a-z0-9][a-z0-9._-]{0,62}$")
@@ -98,8 +98,7 @@ def limit_lines(host: Host, user: str) -> str:
 def create_user(kube: Kube, req: Request, host: Host, user: str, public_key: str
                 ) -> tuple[str, str, int]:
     """Create the build user on ``host``: returns (user dir, pinned known_hosts line, round trips)."""
-    key = admin_key(kube, req.controller_namespace, host)
-    with open_session(host, key) as s:
+    with hostkeys.session(kube, req.controller_namespace, host) as s:
         out = s.run(script("provision-user.sh", BUILD_USER=user, PUBLIC_KEY=public_key,
                            SUDO_RULE=sudo_rule(host), LIMIT_LINES=limit_lines(host, user)))
         dirs = parse_output(out, "MPC_USER_DIR")
@@ -115,8 +114,7 @@ def remove_users(kube: Kube, namespace: str, host: Host, users: list[str]) -> in
         raise ValueError(f"not mpc build users: {bad}")
     if not users:
         return 0
-    key = admin_key(kube, namespace, host)
-    with open_session(host, key) as s:
+    with hostkeys.session(kube, namespace, host) as s:
         s.run(script("deprovision-users.sh", BUILD_USERS=" ".join(users)))
         return s.round_trips
 
@@ -208,6 +206,12 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
             failed[host.name] = str(e).split(": ", 1)[-1]
             log.event("host failed; trying the next", level="warning", host=host.name,
                       error=failed[host.name], **ids)
+            if isinstance(e, hostkeys.HostKeyChanged):
+                hostkeys.warn_build(kube, taskrun, e)
+                if not reused:      # refused before anything ran there: no user to remove
+                    slots.release(slot)
+                    held = []
+                    continue
             trips += _undo(kube, req, slots, slot, host, user)[1]
             held = []
             continue

@@ -2,13 +2,15 @@
 
 One SSH connection per operation: the script travels on stdin to ``bash -s``
 and its inputs are shell-quoted assignments prepended to it, so no value is
-ever parsed by a shell as code. The host key is pinned (StrictHostKeyChecking
-yes) from the pool; a host without a pinned key is trusted on first use and
-the key seen is returned so the build's secret pins it.
+ever parsed by a shell as code. The host key is always pinned
+(StrictHostKeyChecking yes): the pool's ``hostKey``, or for a host without
+one the key recorded in the cluster on first use (``hostkeys.py``), which
+the build's secret pins too.
 """
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -34,6 +36,21 @@ class HostError(RuntimeError):
         super().__init__(f"{host}: {message}")
 
 
+class HostKeyMismatch(HostError):
+    """ssh refused the key the host offered; ``offered`` is ssh's (type, fingerprint) of it,
+    when ssh said."""
+
+    def __init__(self, host: str, message: str, offered: tuple[str, str] | None):
+        self.offered = offered
+        super().__init__(host, message)
+
+
+# what ssh prints when a known host offers another key
+_OFFERED = re.compile(r"The fingerprint for the (\S+) key sent by the remote host is\s+"
+                      r"(SHA256:[A-Za-z0-9+/]+)")
+_REFUSED = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED")
+
+
 def script(name: str, **values: str) -> str:
     body = resources.files(__package__).joinpath("scripts", name).read_text()
     header = "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
@@ -55,22 +72,18 @@ class Session:
 
     def argv(self) -> list[str]:
         key = self.dir / "admin_key"
-        strict = "yes" if self.host.host_key else "accept-new"
         return ["ssh", "-F", "/dev/null", "-i", str(key), "-p", str(self.host.port),
                 "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
-                "-o", f"ConnectTimeout={CONNECT_TIMEOUT}", "-o", f"StrictHostKeyChecking={strict}",
+                "-o", f"ConnectTimeout={CONNECT_TIMEOUT}", "-o", "StrictHostKeyChecking=yes",
                 "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "ForwardAgent=no",
                 "-o", "ForwardX11=no", "-o", "ServerAliveInterval=15",
                 "--", f"{self.host.user}@{self.host.address}"]
 
     def pinned_line(self) -> str:
-        """The known_hosts line for the build's secret."""
-        if self.host.known_hosts_line:
-            return self.host.known_hosts_line
-        lines = [ln for ln in self.known_hosts.read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise HostError(self.host.name, "no host key was recorded")
-        return lines[0]
+        """The known_hosts line for the build's secret: the key every connection pins."""
+        if not self.host.known_hosts_line:
+            raise HostError(self.host.name, "no host key is pinned")
+        return self.host.known_hosts_line
 
     def run(self, text: str, timeout: float = 300, attempts: int = 3) -> str:
         """Run a script with ``bash -s``; retry connection-level failures."""
@@ -85,8 +98,11 @@ class Session:
             if p.returncode == 0:
                 return p.stdout
             last = (p.stderr.strip() or p.stdout.strip())[-2000:]
-            if p.returncode != SSH_ERROR or "Host key verification failed" in last \
-                    or "REMOTE HOST IDENTIFICATION HAS CHANGED" in last:
+            if p.returncode == SSH_ERROR and any(r in last for r in _REFUSED):
+                m = _OFFERED.search(last)
+                raise HostKeyMismatch(self.host.name, f"exit {p.returncode}: {last}",
+                                      offered=(m.group(1), m.group(2)) if m else None)
+            if p.returncode != SSH_ERROR:
                 raise HostError(self.host.name, f"exit {p.returncode}: {last}")
             if attempt + 1 < attempts:
                 time.sleep(0.5 * (attempt + 1))
@@ -109,6 +125,28 @@ class open_session:  # noqa: N801 - used as a context manager, reads like a func
 
     def __exit__(self, *exc) -> None:
         self._tmp.cleanup()
+
+
+def scan_host_keys(host: Host, attempts: int = 3) -> list[str]:
+    """The public keys ``host`` offers ('ssh-ed25519 AAAA...'), read with ssh-keyscan.
+
+    Nothing is authenticated and nothing runs on the host.
+    """
+    for attempt in range(attempts):
+        try:
+            out = subprocess.run(["ssh-keyscan", "-T", str(CONNECT_TIMEOUT), "-p", str(host.port),
+                                  "--", host.address], capture_output=True, text=True,
+                                 timeout=CONNECT_TIMEOUT * 3).stdout
+        except subprocess.TimeoutExpired:
+            out = ""
+        keys = [" ".join(ln.split()[1:3]) for ln in out.splitlines()
+                if not ln.startswith("#") and len(ln.split()) >= 3]
+        if keys:
+            return keys
+        if attempt + 1 < attempts:
+            time.sleep(0.5 * (attempt + 1))
+    raise HostError(host.name, f"unreachable: ssh-keyscan of {host.address}:{host.port} "
+                    "returned no host key", transient=True)
 
 
 def parse_output(out: str, key: str) -> list[str]:

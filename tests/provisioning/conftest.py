@@ -72,7 +72,8 @@ class Controller:
                      "secret": secret, "platform": platform, "concurrency": concurrency,
                      "hostKey": h.host_public_key}
             entry.update(extra.pop(f"host_{h.name}", {}))
-            entries.append(entry)
+            # an override of None drops the field (e.g. {"hostKey": None}: trust on first use)
+            entries.append({k: v for k, v in entry.items() if v is not None})
         doc = {"hosts": entries} | extra
         self.set_pool_text(yaml.safe_dump(doc))
         return doc
