@@ -144,7 +144,7 @@ def wrapper_script(*, original: str, image_var: str | None, dirs: list[tuple[str
         if path.startswith("$"):       # a workspace: skip it when it is not bound
             line = f'if [ -n {pod} ] && [ -d {pod} ]; then {line}; fi'
         dir_lines.append(line)
-    env_lines = [f'if [ -n "${{{n}+set}}" ]; then run_opts+=(-e "{n}=${n}"); fi' for n in forward_env]
+    env_lines = [f'if [ -n "${{{n}+set}}" ]; then env_add {n} "${n}"; fi' for n in forward_env]
     opt_lines = [f"run_opts+=({_shell_words(*podman_opts)})"] if podman_opts else []
     text = _template("buildah-remote-wrapper.sh")
     subs = {

@@ -21,8 +21,11 @@ else
 fi
 rm -f "$BUILD_DIR/out/rootless.err"
 
+# The env comes in a file only this user (and root) can read: never on a command line.
 rc=0
-"${podman[@]}" run --rm "${RUN_OPTS[@]}" --entrypoint /mpc/scripts/run "$BUILDER_IMAGE" "${ARGS[@]}" </dev/null || rc=$?
+"${podman[@]}" run --rm --env-file "$BUILD_DIR/env/build.env" "${RUN_OPTS[@]}" \
+  --entrypoint /mpc/scripts/run "$BUILDER_IMAGE" "${ARGS[@]}" </dev/null || rc=$?
+rm -f "$BUILD_DIR/env/build.env"
 if [ "${podman[0]}" = sudo ]; then
   # rootful podman wrote as root: give the files back to the build user
   sudo -n podman run --rm --pull=never --user 0 --entrypoint chown -v "$BUILD_DIR:/mpc-build:Z" \

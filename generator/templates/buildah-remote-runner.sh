@@ -4,6 +4,17 @@
 # image as an OCI layout (oci-archive, named after the image) that the pod
 # loads, so later steps find it locally.
 set -eu
+# The env came through podman's --env-file, one line a value: values with a
+# newline or carriage return came escaped for printf %b, named in MPC_ENV_ESCAPED.
+for mpc_name in ${MPC_ENV_ESCAPED:-}; do
+  case "$mpc_name" in
+    '' | [!A-Za-z_]* | *[!A-Za-z0-9_]*) echo "mpc: not a variable name: $mpc_name" >&2; exit 1 ;;
+  esac
+  eval "mpc_value=\${$mpc_name}"
+  mpc_value="$(printf '%bx' "$mpc_value")"
+  export "$mpc_name=${mpc_value%x}"
+done
+unset MPC_ENV_ESCAPED mpc_name mpc_value
 /mpc/scripts/build "$@"
 if [ -n "${MPC_EXPORT_IMAGE:-}" ]; then
   if [ -n "${STORAGE_DRIVER:-}" ]; then set -- --storage-driver "$STORAGE_DRIVER"; else set --; fi

@@ -59,7 +59,7 @@ dirs=()
 if [ -d /tekton/results ]; then dirs+=(/tekton/results results rw yes); fi
 if [ -d "${HOME:-/nonexistent}/.docker" ]; then dirs+=("$HOME/.docker" docker ro no); fi
 
-mkdirs=("$remote/scripts" "$remote/out")
+mkdirs=("$remote/scripts" "$remote/out" "$remote/env")
 i=0
 while [ "$i" -lt "${#dirs[@]}" ]; do
   mkdirs+=("$remote/${dirs[i+1]}")
@@ -82,9 +82,35 @@ chmod 0755 "$work/scripts/run" "$work/scripts/build"
 run_opts=(--user "$(id -u):$(id -g)" --workdir "$PWD"
   -v "$remote/scripts:/mpc/scripts:ro,Z" -v "$remote/out:/mpc/out:Z" -v /var/lib/containers)
 @PODMAN_OPTS@
-if [ -n "${HOME:-}" ]; then run_opts+=(-e "HOME=$HOME"); fi
+# The env reaches podman in a file (--env-file) that only the build user and
+# root can read, never on a command line: every user of the host can read
+# every process's command line. One NAME=value a line, the value verbatim;
+# a value with a newline or carriage return cannot be one line, so it goes
+# escaped for printf %b and listed in MPC_ENV_ESCAPED (the runner decodes it).
+mkdir -m 0700 "$work/env"
+env_file="$work/env/build.env"
+(umask 077 && : > "$env_file")
+escaped=()
+env_add() {
+  local name=$1 value=$2 bs=\\ nl=$'\n' cr=$'\r'
+  case "$value" in
+    *"$nl"* | *"$cr"*)
+      value="${value//"$bs"/"$bs$bs"}"
+      value="${value//"$nl"/"${bs}n"}"
+      value="${value//"$cr"/"${bs}r"}"
+      escaped+=("$name") ;;
+  esac
+  # podman reads the file line by line, at most 64 KiB a line
+  if [ "$(printf '%s=%s' "$name" "$value" | wc -c)" -gt 65535 ]; then
+    echo "mpc: env $name is too long to pass to the build host (at most 64 KiB)" >&2
+    return 1
+  fi
+  printf '%s=%s\n' "$name" "$value" >> "$env_file"
+}
+if [ -n "${HOME:-}" ]; then env_add HOME "$HOME"; fi
 @FORWARD_ENV@
-if [ -n "${@IMAGE_VAR@:-}" ]; then run_opts+=(-e "MPC_EXPORT_IMAGE=$@IMAGE_VAR@"); fi
+if [ -n "${@IMAGE_VAR@:-}" ]; then env_add MPC_EXPORT_IMAGE "$@IMAGE_VAR@"; fi
+if [ "${#escaped[@]}" -gt 0 ]; then env_add MPC_ENV_ESCAPED "${escaped[*]}"; fi
 i=0
 while [ "$i" -lt "${#dirs[@]}" ]; do
   opt="${dirs[i+2]},Z"
@@ -100,6 +126,7 @@ done
 
 echo "mpc: copying the build's inputs to $ssh_host" >&2
 to_host "$work/scripts" "$remote/scripts"
+to_host "$work/env" "$remote/env"
 i=0
 while [ "$i" -lt "${#dirs[@]}" ]; do
   to_host "${dirs[i]}" "$remote/${dirs[i+1]}"

@@ -3,7 +3,8 @@
 Order matters for cleanup: the slot (which names the user) exists before the
 user is created on the host, and the secret is written last, so whatever
 point a run is killed at, deprovisioning or the sweep finds what to remove.
-A retry of the same build reuses the slot it already holds.
+A retry of the same build reuses the slot it already holds, with a fresh user
+(the one an earlier attempt made is removed first).
 
 A build that is done (finished, deleted or replaced: ``contract.build_done``)
 gets nothing: the provisioner checks before it starts, while it waits, after
@@ -200,6 +201,11 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
             return Outcome("gone", round_trips=trips)
         priv, pub = buildsecret.new_keypair()
         try:
+            if reused:
+                # An earlier attempt of this build may have made the user; provisioning
+                # refuses an existing user (it never writes into a home a build user
+                # had), so that one goes first, with whatever it runs.
+                trips += remove_users(kube, req.controller_namespace, host, [user])
             user_dir, known_hosts, n = create_user(kube, req, host, user, pub)
             trips += n
         except HostError as e:

@@ -228,7 +228,7 @@ def test_workspaces_volumes_and_env_reach_the_wrapper():
     s = b["script"]
     assert 'dirs+=("${MPC_WORKSPACE_0}" workspaces/source rw yes)' in s
     assert 'dirs+=("${MPC_WORKSPACE_1}" workspaces/dockerconfig ro no)' in s   # readOnly: not back
-    assert 'run_opts+=(-e "IMAGE=$IMAGE")' in s and 'run_opts+=(-e "DOCKERFILE=$DOCKERFILE")' in s
+    assert 'env_add IMAGE "$IMAGE"' in s and 'env_add DOCKERFILE "$DOCKERFILE"' in s
 
     out, _ = gen(TRUSTED_ARTIFACTS_NO_WORKSPACE)
     s = step(out, "build")["script"]
@@ -242,7 +242,7 @@ def test_workspaces_volumes_and_env_reach_the_wrapper():
     assert "/var/lib/containers volumes" not in s                    # container storage: not copied
     assert "dirs+=(/entitlement volumes/1-etc-pki-entitlement rw no)" in s   # secret: never back
     assert "dirs+=(/mnt/trusted-ca volumes/2-trusted-ca ro no)" in s
-    assert 'run_opts+=(-e "TOKEN=$TOKEN")' in s                      # valueFrom env too
+    assert 'env_add TOKEN "$TOKEN"' in s                                # valueFrom env too
     assert "run_opts+=(--privileged)" in s
     assert step(out, "build")["args"] == ["--build-args", "$(params.BUILD_ARGS[*])"]
 
