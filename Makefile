@@ -17,6 +17,9 @@ APT_PACKAGES := debootstrap rsync zstd iproute2 openssh-client \
 	docker-registry etcd-server etcd-client \
 	containerd containernetworking-plugins busybox-static nftables iptables socat \
 	libnss-wrapper util-linux
+# installed without their recommends: qemu-user-static must not register itself with
+# this machine's binfmt_misc (the emulated test hosts register it privately)
+APT_PACKAGES_NO_RECOMMENDS := qemu-user-static
 
 .PHONY: help
 help: ## list the targets
@@ -30,6 +33,13 @@ deps: ## install the Debian packages the tests need (only the missing ones)
 	  echo "apt-get install: $$missing"; \
 	  apt-get update -qq; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@missing=$$(for p in $(APT_PACKAGES_NO_RECOMMENDS); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install --no-install-recommends: $$missing"; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 .PHONY: venv
@@ -46,8 +56,9 @@ upstream: ## build kube-apiserver, kubelet, Tekton and tkn from pinned Go module
 	tests/infra/upstream/build.sh $(MPC_CACHE)
 
 .PHONY: rootfs
-rootfs: deps venv ## debootstrap the SSH test-host rootfs (cached tarball)
+rootfs: deps venv ## debootstrap the SSH test-host rootfs, amd64 + emulated arm64/s390x (cached tarballs)
 	$(PY) -m tests.infra.rootfs
+	$(PY) -m tests.infra.foreignroot
 
 .PHONY: test
 test: deps venv upstream rootfs ## install everything and run the whole suite

@@ -64,11 +64,12 @@ def host_farm():
 
 @pytest.fixture
 def make_host(host_farm):
-    """Factory: ``make_host()`` boots a fresh SSH host, destroyed after the test."""
+    """Factory: ``make_host()`` boots a fresh SSH host, destroyed after the test;
+    ``make_host(arch="arm64")`` (or ``"s390x"``) one that really runs that architecture."""
     made: list[SSHHost] = []
 
-    def make(name: str | None = None) -> SSHHost:
-        h = host_farm.add(name)
+    def make(name: str | None = None, arch: str | None = None) -> SSHHost:
+        h = host_farm.add(name, arch=arch)
         made.append(h)
         return h
     yield make

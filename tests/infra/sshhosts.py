@@ -59,6 +59,7 @@ class SSHHost:
     host_ip: str
     address: str
     admin_user: str = rootfs.ADMIN_USER
+    arch: str = "amd64"   # what `uname -m` says inside, as an OCI/Debian architecture
     port: int = 22
     admin_key: bytes = b""
     host_public_key: str = ""
@@ -115,9 +116,17 @@ class SSHHost:
         self._network_up()
         return self.start()
 
+    @property
+    def platform(self) -> str:
+        return f"linux/{self.arch}"
+
     def _network_up(self) -> None:
+        subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
+        self._veth_up()
+
+    def _veth_up(self) -> None:
+        """The veth pair into the (existing) netns, with its /30 and a default route back."""
         run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-        run("ip", "netns", "add", self.netns)
         run("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
             "netns", self.netns)
         run("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.veth)
@@ -135,14 +144,34 @@ class SSHHost:
         go with ``destroy()``, as on a real machine with a cgroup root of its own.
         """
         self.cgroup.create()
+        log = self.state / "sshd.log"
+        self.proc = self._launch(self._boot_script(), log)
+        wait_for(f"sshd on {self.name}", lambda: b"Server listening on" in log.read_bytes()
+                 and self.proc.poll() is None, timeout=20, log=log)
+        # the log is appended to on restart: consume what is there now
+        log.write_bytes(b"")
+        self._init_pid = 0
+        self.sshd_pid()
+        return self
+
+    # namespaces `exec()` enters (nsenter flags)
+    _enter_flags = ("-m", "-u", "-p", "-n", "-C")
+
+    def _after_proc(self, root: str) -> str:
+        """Shell lines run right after the host's /proc is mounted at ``root``/proc."""
+        return ""
+
+    def _boot_script(self) -> str:
+        """What boots the host in its new namespaces: mounts, pivot_root, then sshd as PID 1."""
         s = self.state
         r = s / "root"
         q = shlex.quote
-        inner = f"""
+        return f"""
 set -eu
 mount -t overlay overlay -o lowerdir={q(str(self.base))},upperdir={q(str(s / 'upper'))},workdir={q(str(s / 'work'))} {q(str(r))}
 hostname {q(self.name)}
 mount -t proc proc {q(str(r))}/proc
+{self._after_proc(q(str(r)))}
 mount -t sysfs sysfs {q(str(r))}/sys
 {self.cgroup.mount_script(q(str(r)))}
 mount -t tmpfs -o mode=755 tmpfs {q(str(r))}/dev
@@ -171,23 +200,17 @@ umount -l /.mpc-oldroot
 rmdir /.mpc-oldroot
 exec /usr/sbin/sshd -D -e
 """
-        log = s / "sshd.log"
+
+    def _launch(self, inner: str, log: Path) -> subprocess.Popen:
         # join the subtree first, then unshare the cgroup namespace rooted there
         argv = ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts",
                 "--pid", "--cgroup", "--fork", "--kill-child", "--propagation", "private",
                 "bash", "-c", inner]
-        self.proc = subprocess.Popen(
+        return subprocess.Popen(
             ["sh", "-c", 'for f in "$@"; do echo $$ > "$f"; done; exec ' + shlex.join(argv),
              "join-cgroup", *self.cgroup.procs_files()],
             stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
-        wait_for(f"sshd on {self.name}", lambda: b"Server listening on" in log.read_bytes()
-                 and self.proc.poll() is None, timeout=20, log=log)
-        # the log is appended to on restart: consume what is there now
-        log.write_bytes(b"")
-        self._init_pid = 0
-        self.sshd_pid()
-        return self
 
     def stop(self) -> None:
         """Kill everything in the host (its PID namespace dies with sshd); keep its disk."""
@@ -229,7 +252,7 @@ exec /usr/sbin/sshd -D -e
              timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a shell script as root *inside* the host, without SSH (test evidence)."""
         pid = self.sshd_pid()
-        enter = ["nsenter", "-t", str(pid), "-m", "-u", "-p", "-n", "-C", "-r", "-w",
+        enter = ["nsenter", "-t", str(pid), *self._enter_flags, "-r", "-w",
                  "/bin/sh", "-c", script]
         # join the host's cgroups too, so whatever the script starts is the host's
         return subprocess.run(
@@ -303,6 +326,7 @@ class HostFarm:
         self.dir = Path(tempfile.mkdtemp(prefix=f"mpc-hosts-{self.session}-", dir="/dev/shm"))
         self.base = self.dir / "base"
         self._extracted = False
+        self._foreign: dict[str, Path] = {}
 
     def _extract(self) -> None:
         if self._extracted:
@@ -313,16 +337,36 @@ class HostFarm:
                        "--numeric-owner -xf -", shell=True, check=True)
         self._extracted = True
 
-    def add(self, name: str | None = None) -> SSHHost:
-        self._extract()
+    def foreign_base(self, arch: str) -> Path:
+        """The extracted rootfs of an emulated architecture (``foreignroot.py``), shared."""
+        if arch not in self._foreign:
+            from . import foreignroot
+            tar = foreignroot.ensure_rootfs(arch)
+            base = self.dir / f"base-{arch}"
+            base.mkdir()
+            subprocess.run(f"zstd -dc {shlex.quote(str(tar))} | tar -C {shlex.quote(str(base))} "
+                           "--numeric-owner -xf -", shell=True, check=True)
+            self._foreign[arch] = base
+        return self._foreign[arch]
+
+    def add(self, name: str | None = None, arch: str | None = None) -> SSHHost:
+        """A new host; ``arch`` (``arm64``, ``s390x``) makes it really run that architecture
+        under QEMU user emulation (``emulatedhosts.py``); default: this machine's (amd64)."""
+        cls, base = SSHHost, self.base
+        if arch not in (None, "amd64"):
+            from .emulatedhosts import EmulatedHost
+            cls, base = EmulatedHost, self.foreign_base(arch)
+        else:
+            self._extract()
         i = self._next
         self._next += 1
         if i >= 63:
             raise RuntimeError("at most 63 test hosts per session")
         name = name or f"host{i}"
-        h = SSHHost(name=name, index=i, base=self.base, state=self.dir / f"h{i}",
-                    netns=f"mpc{self.session}h{i}", veth=f"mv{self.session}h{i}"[:15],
-                    host_ip=f"{self.SUBNET}.{4 * i + 1}", address=f"{self.SUBNET}.{4 * i + 2}")
+        h = cls(name=name, index=i, base=base, state=self.dir / f"h{i}",
+                netns=f"mpc{self.session}h{i}", veth=f"mv{self.session}h{i}"[:15],
+                host_ip=f"{self.SUBNET}.{4 * i + 1}", address=f"{self.SUBNET}.{4 * i + 2}",
+                arch=arch or "amd64")
         self.hosts.append(h)
         return h.create()
 
