@@ -103,6 +103,26 @@ pin-bundles: venv ## release manifests pinned to the digests in BUNDLES_LOCK, in
 	$(MPC) bundles check-pinned --lock $(BUNDLES_LOCK) \
 	  $(if $(PIN_IN_PLACE),$(wildcard $(PIN_PATHS)),$(PIN_OUT))
 
+# `make release REGISTRY=quay.io/acme/mpc VERSION=0.2`: mpc's images built from their
+# Containerfiles and pushed, every bundle pushed with its steps pinned to the image
+# digests, the manifests pinned into PIN_OUT, and one install manifest
+# PIN_OUT/install.yaml (kubectl apply -f it; see README "Installing").
+# INSECURE=1: the registry speaks plain HTTP.
+IMAGES_LOCK ?= dist/images.lock.yaml
+
+.PHONY: release
+release: deps venv upstream ## images + bundles pushed, manifests pinned by digest, PIN_OUT/install.yaml
+	@[ -n "$(REGISTRY)" ] && [ -n "$(VERSION)" ] || \
+	  { echo "usage: make release REGISTRY=host[:port]/path VERSION=x.y [INSECURE=1]" >&2; exit 2; }
+	$(MPC) images build $(BUNDLE_ARGS) --lock $(IMAGES_LOCK) $(if $(INSECURE),--tls-verify false)
+	$(MPC) bundles push $(BUNDLE_ARGS) --lock $(BUNDLES_LOCK) --images $(IMAGES_LOCK)
+	rm -rf $(PIN_OUT)
+	$(MPC) bundles pin --lock $(BUNDLES_LOCK) --images $(IMAGES_LOCK) --complete \
+	  --out $(PIN_OUT) tasks glue/deploy
+	$(MPC) bundles check-pinned --lock $(BUNDLES_LOCK) $(PIN_OUT)
+	$(VENV)/bin/kubectl kustomize $(PIN_OUT)/glue/deploy/install > $(PIN_OUT)/install.yaml
+	@echo "wrote $(PIN_OUT)/install.yaml"
+
 .PHONY: generate-buildah-remote
 generate-buildah-remote: venv ## regenerate tasks/buildah-remote from tasks/buildah
 	$(VENV)/bin/mpc buildah-remote --from tasks/buildah/0.1/buildah.yaml \

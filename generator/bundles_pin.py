@@ -1,7 +1,11 @@
 """Point references at pinned bundles: ``resolver: bundles`` with ``repo:tag@sha256:``.
 
-Two kinds of reference are rewritten, wherever they appear in a YAML file
+Three kinds of reference are rewritten, wherever they appear in a YAML file
 (Pipelines' ``taskRef``, PipelineRuns' ``pipelineRef``, deploy manifests):
+
+- an ``image:`` (or a kustomize ``images:`` entry) naming one of mpc's own images by
+  its placeholder (``localhost/mpc/task-runner``) gets the pushed ``repo:tag@sha256:``
+  (``generator/images.py``);
 
 - a ``resolver: bundles`` reference whose ``bundle`` names one of our bundles
   (by the last repository component, so ``task-mpc-provision``,
@@ -33,6 +37,8 @@ class Pins:
 
     refs: dict[str, str] = field(default_factory=dict)
     holder: dict[str, str] = field(default_factory=dict)
+    # image placeholder repository (localhost/mpc/task-runner) -> pushed repo:tag@sha256:...
+    images: dict[str, str] = field(default_factory=dict)
 
     def add(self, bundle: str, ref: str, objects: Iterable[str]) -> None:
         self.refs[bundle] = ref
@@ -56,9 +62,61 @@ def _yaml() -> YAML:
     return y
 
 
+def image_repository(ref: str) -> str:
+    """``host/path/name`` of an image reference, without ``:tag`` or ``@digest``."""
+    ref = ref.split("@", 1)[0]
+    head, _, last = ref.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
+
+
+def _pin_images(node: Any, pins: Pins, path: Path | None, where: str = "") -> list[Change]:
+    """Every ``image:`` naming one of our image placeholders (steps, sidecars, containers),
+    and kustomize ``images:`` entries for them, point at the pushed digest."""
+    changes: list[Change] = []
+    if isinstance(node, dict):
+        img = node.get("image")
+        if isinstance(img, str) and image_repository(img) in pins.images:
+            new = pins.images[image_repository(img)]
+            if new != img:
+                node["image"] = new
+                changes.append(Change(path, f"{where}.image", img, new))
+        if node.get("kind") == "Kustomization" and isinstance(node.get("images"), list):
+            for i, e in enumerate(node["images"]):
+                if isinstance(e, dict) and e.get("name") in pins.images:
+                    new = pins.images[e["name"]]
+                    e.pop("newTag", None)
+                    e["newName"], e["digest"] = new.split("@")[0].rsplit(":", 1)[0], \
+                        new.split("@")[1]
+                    changes.append(Change(path, f"{where}.images[{i}]", e["name"], new))
+        for k, v in node.items():
+            if k != "image":
+                changes += _pin_images(v, pins, path, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            changes += _pin_images(v, pins, path, f"{where}[{i}]")
+    return changes
+
+
+PLACEHOLDER_PREFIX = "localhost/mpc/"   # how the checked-in sources name mpc's own images
+
+
+def _placeholder_images(node: Any, where: str = "") -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        img = node.get("image")
+        if isinstance(img, str) and img.startswith(PLACEHOLDER_PREFIX):
+            found.append((f"{where}.image", img))
+        for k, v in node.items():
+            found += _placeholder_images(v, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _placeholder_images(v, f"{where}[{i}]")
+    return found
+
+
 def pin_document(doc: Any, pins: Pins, path: Path | None = None) -> list[Change]:
     """Rewrite one parsed (ruamel round-trip or plain) document in place."""
-    changes: list[Change] = []
+    changes: list[Change] = _pin_images(doc, pins, path) if pins.images else []
     for where, key, ref in object_refs(doc):
         if ref.get("resolver") == "bundles" and isinstance(ref.get("params"), list):
             for p in ref["params"]:
@@ -114,16 +172,18 @@ def yaml_files(roots: Iterable[Path]) -> list[Path]:
     return out
 
 
-def pin_files(roots: Iterable[Path], pins: Pins, base: Path, out: Path | None) -> list[Change]:
+def pin_files(roots: Iterable[Path], pins: Pins, base: Path, out: Path | None,
+              copy_unchanged: bool = False) -> list[Change]:
     """Pin every YAML file under ``roots``; into ``out`` (same paths below ``base``) or in place.
 
-    With ``out``, only files that reference our bundles or objects are written.
+    With ``out``, only files that reference our bundles or objects are written, unless
+    ``copy_unchanged`` (a complete tree, e.g. for ``kubectl kustomize``).
     """
     changes: list[Change] = []
     for f in yaml_files(roots):
         text = f.read_text()
         new, ch = pin_text(text, pins, f)
-        if not ch:
+        if not ch and not (copy_unchanged and out is not None):
             continue
         if out is None:
             f.write_text(new)
@@ -161,6 +221,8 @@ def unpinned(roots: Iterable[Path], pins: Pins | None = None) -> list[str]:
                     bad.append(f"{f}: bundle reference {v!r} is not pinned (repo:tag@sha256:...)")
                 elif pins and bundle_name_of(v) in pins.refs and v != pins.refs[bundle_name_of(v)]:
                     bad.append(f"{f}: {v} is not the pushed {pins.refs[bundle_name_of(v)]}")
+            bad += [f"{f}: {w} names the unpublished image {img}; pin it with "
+                    "`mpc bundles pin --images LOCK`" for w, img in _placeholder_images(doc)]
             if pins:
                 for where, key, ref in object_refs(doc):
                     ck = cluster_ref_key(key, ref)

@@ -188,12 +188,15 @@ def _flag_value(s: str) -> str:
     return s
 
 
-def prepare_files(b: Bundle, pins: Pins, scratch: Path) -> list[Path]:
-    """The files tkn gets: the catalog files, or pinned copies where they reference our bundles."""
+def prepare_files(b: Bundle, pins: Pins, scratch: Path, seen: list | None = None) -> list[Path]:
+    """The files tkn gets: the catalog files, or pinned copies where they reference our
+    bundles or name mpc's images (``seen`` collects the changes)."""
     out = []
     for f in b.files():
         text = f.read_text()
         new, changes = pin_text(text, pins, f)
+        if seen is not None:
+            seen += changes
         if changes:
             dest = scratch / b.name / f.name
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +208,7 @@ def prepare_files(b: Bundle, pins: Pins, scratch: Path) -> list[Path]:
 
 
 def push(spec: Spec, registry: str, info: BuildInfo, tkn: str | None = None,
-         log=print) -> PushResult:
+         log=print, images: dict[str, str] | None = None) -> PushResult:
     """Validate everything, then push every bundle; nothing is pushed if validation fails."""
     registry = validate_registry(registry)
     problems = check_refs(spec)
@@ -218,7 +221,13 @@ def push(spec: Spec, registry: str, info: BuildInfo, tkn: str | None = None,
     env.pop("SOURCE_DATE_EPOCH", None)   # --ctime is explicit
     with tempfile.TemporaryDirectory(prefix="mpc-bundles-") as scratch:
         for b in order:
-            files = prepare_files(b, result.pins(), Path(scratch))
+            pins = result.pins()
+            pins.images = dict(images or {})      # step images pinned to their digests
+            changes: list = []
+            files = prepare_files(b, pins, Path(scratch), changes)
+            for ch in changes:
+                if ch.where.endswith(".image"):
+                    log(f"{b.name}: pinned step image: {ch.new}")
             repo = f"{registry}/{b.name}"
             revision, created = info.stamp(b.files())
             argv = [exe, "bundle", "push", f"{repo}:{info.version}", "--ctime", created]

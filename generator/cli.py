@@ -14,6 +14,7 @@ COMMANDS = [
     "cmd_generate",
     "cmd_hostpool",
     "cmd_bundles",
+    "cmd_images",
     "cmd_buildah_remote",
 ]
 

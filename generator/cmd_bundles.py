@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import images
 from .bundles import BundleError, check_refs, load
 from .bundles_pin import pin_files, unpinned
 from .bundles_push import BuildInfo, find_tkn, list_bundle, push, read_lock, table, write_lock
@@ -49,6 +50,9 @@ def _push_opts(p: argparse.ArgumentParser, registry_required: bool) -> None:
                    "(default: the last commit of each bundle's files, -dirty if they changed since)")
     p.add_argument("--tkn", default=None, help="tkn binary (default: $MPC_CACHE/bin/tekton/tkn, "
                    "else PATH)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="image lock written by `mpc images build`: Task steps naming mpc's "
+                        "images are pinned to the pushed digests")
 
 
 def register(sub) -> None:
@@ -70,11 +74,17 @@ def register(sub) -> None:
     _common(c)
     _push_opts(c, registry_required=False)
     c.add_argument("--no-generate", action="store_true", help="skip the Task generator")
+    c.add_argument("--no-images", action="store_true",
+                   help="do not build and push mpc's images (Task steps keep their placeholder)")
     c.set_defaults(func=cmd_run)
 
     c = s.add_parser("pin", help="rewrite `resolver: bundles` references to pinned digests")
     c.add_argument("--lock", type=Path, required=True, help="lock file written by `push`")
     c.add_argument("--base", type=Path, default=Path("."), help="paths in --out are relative to this")
+    c.add_argument("--images", type=Path, default=None,
+                   help="image lock written by `mpc images build`: pin mpc's images too")
+    c.add_argument("--complete", action="store_true",
+                   help="with --out: copy unchanged YAML files too (a tree kustomize can build)")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--out", type=Path, help="write pinned copies here (same relative paths)")
     g.add_argument("--in-place", action="store_true", help="rewrite the files themselves")
@@ -126,8 +136,9 @@ def cmd_push(args) -> int:
     try:
         spec = _load(args)
         info = _info(args, spec)
-        result = push(spec, args.registry, info, tkn=args.tkn)
-    except (BundleError, FileNotFoundError) as e:
+        imgs = images.read_lock(args.images) if args.images else None
+        result = push(spec, args.registry, info, tkn=args.tkn, images=imgs)
+    except (BundleError, FileNotFoundError, images.ImageError) as e:
         return _err(e)
     if args.lock:
         write_lock(args.lock, result)
@@ -190,7 +201,7 @@ def cmd_run(args) -> int:
         with LocalRegistry() as reg:
             print(f"== embedded registry on {reg.address} (stopped when done)")
             return _run_push(args, spec, info, f"{reg.address}/mpc", t0, local=True)
-    except (BundleError, OSError, RuntimeError, ValueError) as e:
+    except (BundleError, OSError, RuntimeError, ValueError) as e:   # ImageError is a RuntimeError
         return _err(e)
 
 
@@ -199,7 +210,17 @@ def _run_push(args, spec, info, registry, t0, local: bool) -> int:
     print(f"== tkn bundle push -> {registry}  (version {info.version}, HEAD {info.head()[:12]}, "
           f"created: {when})")
     t_push = time.monotonic()
-    result = push(spec, registry, info, tkn=args.tkn, log=lambda m: print("   " + m))
+    imgs = images.read_lock(args.images) if args.images else None
+    if imgs is None and not args.no_images:
+        print(f"== mpc images build -> {registry}  (from tasks/runner/Containerfile, "
+              "glue/Containerfile; offline, reproducible)")
+        t_img = time.monotonic()
+        built = images.build_and_push(registry, info.version, tls_verify=not local,
+                                      log=lambda m: print("   " + m))
+        imgs = {images.IMAGES[n][1]: ref for n, ref in built.items()}
+        print(f"   {len(built)} images in {time.monotonic() - t_img:.1f}s")
+    result = push(spec, registry, info, tkn=args.tkn, log=lambda m: print("   " + m),
+                  images=imgs)
     pushed_s = time.monotonic() - t_push
     listing = {}
     for p in result.pushed:
@@ -221,8 +242,11 @@ def _run_push(args, spec, info, registry, t0, local: bool) -> int:
 def cmd_pin(args) -> int:
     try:
         pins = read_lock(args.lock)
-        changes = pin_files(args.paths, pins, args.base, None if args.in_place else args.out)
-    except BundleError as e:
+        if args.images:
+            pins.images = images.read_lock(args.images)
+        changes = pin_files(args.paths, pins, args.base, None if args.in_place else args.out,
+                            copy_unchanged=args.complete)
+    except (BundleError, images.ImageError) as e:
         return _err(e)
     for ch in changes:
         print(f"{ch.path}: {ch.where}: {ch.old} -> {ch.new}")

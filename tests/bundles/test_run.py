@@ -27,7 +27,7 @@ def check_run_output(out: str, names: list[str]) -> None:
 
 
 def test_run_on_a_small_catalog(small_catalog):
-    r = mpc("bundles", "run", *small_catalog.args(), "--no-generate", "--ctime",
+    r = mpc("bundles", "run", *small_catalog.args(), "--no-generate", "--no-images", "--ctime",
             "2024-01-01T00:00:00Z", cwd=small_catalog.root)
     assert r.rc == 0, r.out + r.err
     check_run_output(r.out, ["task-hello", "task-world", "pipeline-demo"])
@@ -45,6 +45,15 @@ def test_make_run(tmp_path):
     assert re.search(r"^== mpc generate .*--check$", r.stdout, re.M), r.stdout
     assert re.search(r"^== mpc buildah-remote .*--check$", r.stdout, re.M), r.stdout
     check_run_output(r.stdout, names)
+    # mpc's images were built from their Containerfiles and pushed with the bundles, and
+    # every Task step that runs the task runner names it by that digest
+    pushed = dict(re.findall(r"pushed (127\.0\.0\.1:\d+/mpc/(?:task-runner|glue):\S+)@(sha256:[0-9a-f]{64})",
+                             r.stdout))
+    assert len(pushed) == 2, r.stdout
+    runner = next(f"{k}@{v}" for k, v in pushed.items() if "/task-runner:" in k)
+    steps = [line.split("image:", 1)[1].strip() for line in r.stdout.splitlines()
+             if "pinned step image" in line]
+    assert steps and set(steps) == {runner}, r.stdout
 
 
 def test_run_refuses_a_task_that_breaks_the_task_rules(small_catalog):
