@@ -27,9 +27,11 @@ from typing import Any, Iterable
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.scalarstring import LiteralScalarString
 
+from . import admission
 from .bundles import (bundle_name_of, bundle_refs, cluster_ref_key, is_pinned,
-                      object_refs, ref_params)
+                      object_refs, ref_params, repository_of)
 
 @dataclass
 class Pins:
@@ -97,6 +99,29 @@ def _pin_images(node: Any, pins: Pins, path: Path | None, where: str = "") -> li
     return changes
 
 
+def _pin_admission(doc: Any, pins: Pins, path: Path | None) -> list[Change]:
+    """The admission policy's params (ConfigMap mpc-admission) list the registries the
+    pinned bundles live in, so runs of those bundles may run as mpc-tasks; entries
+    already listed are kept."""
+    if not (isinstance(doc, dict) and doc.get("kind") == "ConfigMap"
+            and (doc.get("metadata") or {}).get("name") == admission.ADMISSION_CONFIGMAP
+            and pins.refs):
+        return []
+    if not isinstance(doc.get("data"), dict):
+        doc["data"] = CommentedMap()
+    old = str(doc["data"].get(admission.BUNDLE_REGISTRIES_KEY) or "")
+    have = [line.strip() for line in old.splitlines() if line.strip()]
+    ours = sorted({repository_of(r).rsplit("/", 1)[0] for r in pins.refs.values()})
+    want = have + [r for r in ours if r not in have and r + "/" not in have]
+    if want == have:
+        return []
+    new = "".join(f"{r}\n" for r in want)
+    doc["data"][admission.BUNDLE_REGISTRIES_KEY] = LiteralScalarString(new)
+    return [Change(path, f"ConfigMap/{admission.ADMISSION_CONFIGMAP}.data."
+                         f"{admission.BUNDLE_REGISTRIES_KEY}", old.strip() or "(none)",
+                   ", ".join(want))]
+
+
 PLACEHOLDER_PREFIX = "localhost/mpc/"   # how the checked-in sources name mpc's own images
 
 
@@ -117,6 +142,7 @@ def _placeholder_images(node: Any, where: str = "") -> list[tuple[str, str]]:
 def pin_document(doc: Any, pins: Pins, path: Path | None = None) -> list[Change]:
     """Rewrite one parsed (ruamel round-trip or plain) document in place."""
     changes: list[Change] = _pin_images(doc, pins, path) if pins.images else []
+    changes += _pin_admission(doc, pins, path)
     for where, key, ref in object_refs(doc):
         if ref.get("resolver") == "bundles" and isinstance(ref.get("params"), list):
             for p in ref["params"]:

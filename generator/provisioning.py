@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from mpc.runner import contract
 
+from . import admission
+
 VERSION = "0.1"
 RUNNER_IMAGE = "localhost/mpc/task-runner:0.1"
 
@@ -192,8 +194,11 @@ def rbac(namespace: str = "mpc") -> list[dict]:
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
          "metadata": {"name": sa},
          "rules": [
+             # build secrets; no get (it would read every Secret): the runner reads one
+             # of its own with a test-only JSON patch, and the Secret policy
+             # (rbac/mpc-tasks-admission.yaml) confines every write to mpc's secrets
              {"apiGroups": [""], "resources": ["secrets"],
-              "verbs": ["get", "create", "update", "delete"]},
+              "verbs": ["create", "update", "patch", "delete"]},
              {"apiGroups": ["tekton.dev"], "resources": ["taskruns"], "verbs": ["get"]},
              # Warning Events: a changed host key, on the build TaskRun and on the key's record
              {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]},
@@ -207,6 +212,7 @@ def rbac(namespace: str = "mpc") -> list[dict]:
              {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
               "verbs": ["get", "list", "create", "patch", "delete"]},
              {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # admin keys
              {"apiGroups": ["tekton.dev"], "resources": ["pipelineruns"], "verbs": ["get"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": {"name": sa, "namespace": namespace},
@@ -270,13 +276,20 @@ def readme(t: TaskDef) -> str:
     lines += ["", SECRET_KEYS, HOST_KEYS, "## RBAC", "",
               f"Runs as ServiceAccount `{contract.TASKS_SERVICE_ACCOUNT}` in the controller "
               "namespace with exactly the rules in `tasks/rbac/mpc-tasks.yaml`:", "",
-              "- cluster-wide: `secrets` get/create/update/delete (build secrets), "
+              "- cluster-wide: `secrets` create/update/patch/delete (build secrets; no get), "
               "`tekton.dev/taskruns` get (is the build still there?), `events` create "
               "(Warning Events about a changed host key)",
               "- controller namespace: `leases` get/list/create/patch/delete (slots, queue and "
               "host keys recorded on first use), "
-              "`configmaps` get (host pool), `tekton.dev/pipelineruns` get",
+              "`configmaps` get (host pool), `secrets` get (admin keys), "
+              "`tekton.dev/pipelineruns` get",
               "", "The admin SSH keys are Secrets in the controller namespace named by the pool.",
+              "", "`tasks/rbac/mpc-tasks-admission.yaml` makes that hold in effect "
+              "(ValidatingAdmissionPolicies, Kubernetes >= 1.30): only runs of mpc's own "
+              "Tasks/Pipelines (by name, or from a bundle under a registry listed in ConfigMap "
+              f"`{admission.ADMISSION_CONFIGMAP}`) may run as `{contract.TASKS_SERVICE_ACCOUNT}`, "
+              "and it may only write Secrets named `multi-platform-ssh-*` labelled as mpc's. "
+              "See `generator/admission.py`.",
               "", "## Image", "",
               f"`{RUNNER_IMAGE}`: `podman build -f tasks/runner/Containerfile -t {RUNNER_IMAGE} .` "
               "from the repository root where its Python base image can be pulled; the e2e tier "
@@ -302,6 +315,10 @@ def documents(image: str = RUNNER_IMAGE, namespace: str = "mpc") -> list[Emitted
         n = p["metadata"]["name"]
         out.append(Emitted(f"pipelines/{n}/{VERSION}/{n}.yaml", p))
     out.append(Emitted("rbac/mpc-tasks.yaml", rbac(namespace)))
+    out.append(Emitted("rbac/mpc-tasks-admission.yaml", admission.policies(
+        namespace, [t.name for t in TASKS], (contract.PROVISION_PIPELINE,
+                                             contract.PROVISION_FAILED_PIPELINE,
+                                             contract.DEPROVISION_PIPELINE))))
     # What a controller namespace installs (glue/deploy/install builds on it).
     out.append(Emitted("kustomization.yaml", {
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",

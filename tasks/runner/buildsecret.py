@@ -4,6 +4,14 @@
 TaskRun (so it dies with it) and labelled as mpc's. Keys, as Konflux's
 buildah-remote expects: ``id_rsa``, ``host``, ``user-dir`` (+ ``known_hosts``),
 or only ``error``.
+
+The Tasks' account may not ``get`` Secrets outside the controller namespace
+(that would read every Secret in the cluster). It reads one of mpc's own with
+a JSON patch made only of ``test`` ops (``_read_own``): the API server
+answers with the object only when every test holds, and writes nothing. The
+Secret policy in ``tasks/rbac/mpc-tasks-admission.yaml`` confines every
+create/update/patch/delete of that account to Secrets named
+``multi-platform-ssh-*`` labelled as mpc's.
 """
 from __future__ import annotations
 
@@ -45,6 +53,37 @@ def _body(taskrun: dict, data: dict[str, str | bytes]) -> client.V1Secret:
         type="Opaque", data={k: _b64(v) for k, v in data.items()})
 
 
+JSON_PATCH = "application/json-patch+json"
+
+
+class NotOurs(Exception):
+    """The Secret exists but is not mpc's (or not that TaskRun's)."""
+
+
+def _label_test(key: str, value: str) -> dict:
+    path = "/metadata/labels/" + key.replace("~", "~0").replace("/", "~1")   # RFC 6901
+    return {"op": "test", "path": path, "value": value}
+
+
+def _read_own(kube: Kube, namespace: str, name: str, uid: str | None = None) -> client.V1Secret | None:
+    """mpc's secret ``namespace/name`` (of TaskRun ``uid`` if given); None if there is none.
+
+    A JSON patch of ``test`` ops only: no write, and the object comes back only
+    when it is labelled as mpc's (a failed test is a bare 422: ``NotOurs``).
+    """
+    ops = [_label_test(contract.LABEL_MANAGED, contract.MANAGED_VALUE)]
+    if uid:
+        ops.append(_label_test(contract.LABEL_TASKRUN_UID, uid))
+    try:
+        return kube.core.patch_namespaced_secret(name, namespace, ops, _content_type=JSON_PATCH)
+    except client.ApiException as e:
+        if e.status == 404:
+            return None
+        if e.status == 422:
+            raise NotOurs(f"secret {namespace}/{name} is not mpc's") from None
+        raise
+
+
 def write(kube: Kube, taskrun: dict, data: dict[str, str | bytes], overwrite: bool = True) -> bool:
     """Create the build's secret; replace an mpc secret of the same TaskRun if ``overwrite``.
 
@@ -54,22 +93,28 @@ def write(kube: Kube, taskrun: dict, data: dict[str, str | bytes], overwrite: bo
     """
     m = taskrun["metadata"]
     body = _body(taskrun, data)
-    try:
-        kube.core.create_namespaced_secret(m["namespace"], body)
+    for _ in range(3):
+        try:
+            kube.core.create_namespaced_secret(m["namespace"], body)
+            return True
+        except client.ApiException as e:
+            if e.status != 409:
+                raise
+        try:
+            cur = _read_own(kube, m["namespace"], body.metadata.name)
+        except NotOurs:
+            raise RuntimeError(f"secret {m['namespace']}/{body.metadata.name} exists and is not "
+                               "managed by mpc; refusing to overwrite it") from None
+        if cur is None:
+            continue                       # deleted since the create: create it again
+        labels = cur.metadata.labels or {}
+        if labels.get(contract.LABEL_TASKRUN_UID) == m["uid"] and not overwrite:
+            return False
+        body.metadata.resource_version = cur.metadata.resource_version
+        kube.core.replace_namespaced_secret(body.metadata.name, m["namespace"], body)
         return True
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
-    cur = kube.core.read_namespaced_secret(body.metadata.name, m["namespace"])
-    labels = cur.metadata.labels or {}
-    if labels.get(contract.LABEL_MANAGED) != contract.MANAGED_VALUE:
-        raise RuntimeError(f"secret {m['namespace']}/{body.metadata.name} exists and is not "
-                           "managed by mpc; refusing to overwrite it")
-    if labels.get(contract.LABEL_TASKRUN_UID) == m["uid"] and not overwrite:
-        return False
-    body.metadata.resource_version = cur.metadata.resource_version
-    kube.core.replace_namespaced_secret(body.metadata.name, m["namespace"], body)
-    return True
+    raise RuntimeError(f"secret {m['namespace']}/{body.metadata.name} keeps appearing and "
+                       "vanishing; not written")
 
 
 def write_error(kube: Kube, taskrun: dict, message: str, overwrite: bool = True) -> bool:
@@ -80,15 +125,10 @@ def delete(kube: Kube, namespace: str, taskrun_name: str, uid: str | None) -> bo
     """Delete the build's secret if it is mpc's (and, with ``uid``, that TaskRun's)."""
     name = contract.secret_name(taskrun_name)
     try:
-        cur = kube.core.read_namespaced_secret(name, namespace)
-    except client.ApiException as e:
-        if e.status == 404:
-            return False
-        raise
-    labels = cur.metadata.labels or {}
-    if labels.get(contract.LABEL_MANAGED) != contract.MANAGED_VALUE:
+        cur = _read_own(kube, namespace, name, uid)
+    except NotOurs:
         return False
-    if uid and labels.get(contract.LABEL_TASKRUN_UID) != uid:
+    if cur is None:
         return False
     try:
         kube.core.delete_namespaced_secret(name, namespace, body=client.V1DeleteOptions(

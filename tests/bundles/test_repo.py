@@ -168,6 +168,9 @@ def test_pin_target_pins_every_reference(pushed, tmp_path, registry):
         host_repo, digest = ref.split("@")
         assert digest.startswith("sha256:") and len(digest) == 71 and host_repo.endswith(":0.1")
         assert oci.exists(ref)
+    # the admission policy trusts the registry the bundles were pinned to
+    cm = yaml.safe_load((out / "glue" / "deploy" / "base" / "admission.yaml").read_text())
+    assert cm["data"]["bundleRegistries"].split() == [f"{registry.address}/repo"]
     # the checked-in files are not pinned, and the check says so
     bad = mpc("bundles", "check-pinned", "--lock", str(lock_path), "tasks")
     assert bad.rc == 1 and "still names Task/" in bad.err

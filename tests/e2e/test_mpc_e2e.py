@@ -170,7 +170,11 @@ def mpc(e2e_node, e2e_kube, host_farm, tmp_path_factory):
     _delete_namespace(e2e_kube, NS)                  # a warm node may keep an older run's
     inst = Install(e2e_node, e2e_kube, [], bundles, builder, work / "mpc-glue.log")
     base = [d for d in yaml.safe_load_all(inst.kubectl("kustomize", str(REPO / "glue/deploy/base")))
-            if d and d["kind"] not in ("Deployment", "ConfigMap")]   # our pool replaces the example
+            if d and d["kind"] != "Deployment"
+            and d["metadata"]["name"] != c.HOST_POOL_CONFIGMAP]      # our pool replaces the example
+    for d in base:    # the admission policy trusts the bundles of the registry they were pushed to
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mpc-admission":
+            d["data"]["bundleRegistries"] = f"{REGISTRY}/mpc\n"
     inst.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(base))
     inst.kubectl("apply", "--server-side", "-n", NS, "-k", str(REPO / "tasks"))
 
