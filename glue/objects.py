@@ -66,23 +66,30 @@ def provision_timeouts(max_wait_seconds: int) -> dict:
             "finally": f"{PROVISION_FINALLY_SECONDS}s"}
 
 
-def provision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
-                  platform: str, bundle: str | None = None, max_wait_seconds: int = 3600) -> dict:
+def _build_run(run: str, role: str, pipeline: str, controller_ns: str, sa: str,
+               namespace: str, name: str, uid: str, platform: str | None,
+               params: dict[str, str], bundle: str | None, **spec) -> dict:
+    """A PipelineRun of one of mpc's Pipelines for one build, labelled with the build."""
+    ann = {c.ANN_TASKRUN_NAME: name}
+    if platform:
+        ann[c.ANN_PLATFORM] = platform
     return {
         "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
-        "metadata": {
-            "name": c.provision_run_name(uid), "namespace": controller_ns,
-            "labels": _labels(ROLE_PROVISION, uid, namespace),
-            "annotations": {c.ANN_TASKRUN_NAME: name, c.ANN_PLATFORM: platform},
-        },
-        "spec": {
-            "pipelineRef": ref("pipeline", c.PROVISION_PIPELINE, bundle),
-            "params": [{"name": k, "value": v} for k, v in zip(
-                c.PIPELINE_PARAMS, (name, namespace, uid, platform))],
-            "taskRunTemplate": {"serviceAccountName": sa},
-            "timeouts": provision_timeouts(max_wait_seconds),
-        },
+        "metadata": {"name": run, "namespace": controller_ns,
+                     "labels": _labels(role, uid, namespace), "annotations": ann},
+        "spec": {"pipelineRef": ref("pipeline", pipeline, bundle),
+                 "params": [{"name": k, "value": v} for k, v in params.items()],
+                 "taskRunTemplate": {"serviceAccountName": sa}, **spec},
     }
+
+
+def provision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
+                  platform: str, bundle: str | None = None, max_wait_seconds: int = 3600) -> dict:
+    return _build_run(
+        c.provision_run_name(uid), ROLE_PROVISION, c.PROVISION_PIPELINE, controller_ns, sa,
+        namespace, name, uid, platform,
+        dict(zip(c.PIPELINE_PARAMS, (name, namespace, uid, platform))), bundle,
+        timeouts=provision_timeouts(max_wait_seconds))
 
 
 def provision_failed_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
@@ -90,42 +97,19 @@ def provision_failed_run(controller_ns: str, sa: str, namespace: str, name: str,
                          bundle: str | None = None) -> dict:
     """Answers a build whose provisioning run ended without success: its error secret,
     unless an answer exists (a cancelled run never runs its error-secret finally)."""
-    return {
-        "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
-        "metadata": {
-            "name": c.provision_failed_run_name(uid), "namespace": controller_ns,
-            "labels": _labels(ROLE_PROVISION_FAILED, uid, namespace),
-            "annotations": {c.ANN_TASKRUN_NAME: name, c.ANN_PLATFORM: platform},
-        },
-        "spec": {
-            "pipelineRef": ref("pipeline", c.PROVISION_FAILED_PIPELINE, bundle),
-            "params": [{"name": k, "value": v} for k, v in zip(
-                (*c.PIPELINE_PARAMS, "PIPELINERUN", "PROVISION_STATUS"),
-                (name, namespace, uid, platform, failed_run, status))],
-            "taskRunTemplate": {"serviceAccountName": sa},
-        },
-    }
+    params = dict(zip(c.PIPELINE_PARAMS, (name, namespace, uid, platform)))
+    params.update(PIPELINERUN=failed_run, PROVISION_STATUS=status)
+    return _build_run(
+        c.provision_failed_run_name(uid), ROLE_PROVISION_FAILED, c.PROVISION_FAILED_PIPELINE,
+        controller_ns, sa, namespace, name, uid, platform, params, bundle)
 
 
 def deprovision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
                     platform: str | None, bundle: str | None = None) -> dict:
-    ann = {c.ANN_TASKRUN_NAME: name}
-    if platform:
-        ann[c.ANN_PLATFORM] = platform
-    return {
-        "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
-        "metadata": {
-            "name": c.deprovision_run_name(uid), "namespace": controller_ns,
-            "labels": _labels(ROLE_DEPROVISION, uid, namespace),
-            "annotations": ann,
-        },
-        "spec": {
-            "pipelineRef": ref("pipeline", c.DEPROVISION_PIPELINE, bundle),
-            "params": [{"name": k, "value": v} for k, v in zip(
-                c.DEPROVISION_PARAMS, (name, namespace, uid))],
-            "taskRunTemplate": {"serviceAccountName": sa},
-        },
-    }
+    return _build_run(
+        c.deprovision_run_name(uid), ROLE_DEPROVISION, c.DEPROVISION_PIPELINE, controller_ns,
+        sa, namespace, name, uid, platform,
+        dict(zip(c.DEPROVISION_PARAMS, (name, namespace, uid))), bundle)
 
 
 def sweep_run_name(bucket: int) -> str:
