@@ -15,6 +15,12 @@ which owns:
 
 This machine's binfmt_misc stays unmounted: outside a host, its binaries still
 fail with "Exec format error".
+
+Works: sshd, login, sudo, useradd, shells and tools, root's ``podman build`` of a
+Containerfile without RUN (the image is of the host's architecture). Does not work,
+because qemu-user cannot emulate namespace creation (see ``emulation.py``): rootless
+podman or buildah, ``podman run`` and RUN steps (runc, conmon), hence the
+buildah-remote Task, which runs its builder image with ``podman run``.
 """
 from __future__ import annotations
 

@@ -4,15 +4,20 @@ Linux >= 6.7 gives every user namespace that mounts ``binfmt_misc`` an instance 
 its own ("sandboxed binfmt_misc"); exec looks a handler up in the nearest user
 namespace, walking up, that has one. So a process tree started in a fresh user
 namespace with a private binfmt_misc that has ``qemu-aarch64`` registered runs
-aarch64 ELF binaries, nested rootless user namespaces (a build user's podman)
-included, while the same binary run anywhere else on this machine still fails
-with "Exec format error". This machine's own ``/proc/sys/fs/binfmt_misc`` is
+aarch64 ELF binaries, while the same binary run anywhere else on this machine still
+fails with "Exec format error". This machine's own ``/proc/sys/fs/binfmt_misc`` is
 never mounted or written.
+
+Limits of qemu-user (7.2, bookworm's), measured on these hosts: an emulated process
+cannot make a user namespace (qemu's own helper thread makes it multi-threaded, so
+``unshare(CLONE_NEWUSER)`` is EINVAL) nor ``clone()`` with namespace flags, and runc
+fails ("nsexec: could not ensure we are a cloned binary"), conmon too. So rootless
+podman/buildah, ``podman run`` and RUN steps do not work inside; builds without RUN
+through root's podman do.
 
 The user namespace maps every id to itself (``0 0 4294967295``, written by this
 process, the parent, which is real root): root inside stays uid 0 for file
-ownership, so tarballs, sshd, useradd, newuidmap and rootless podman behave as
-on a real machine, but the namespace owns its mounts, its binfmt_misc and (for
+ownership, so tarballs, sshd, sudo and useradd behave as on a real machine, but the namespace owns its mounts, its binfmt_misc and (for
 SSH hosts) its network namespace.
 
 Recipe measured in ``shared/notes/emulated-platforms.md``; the handler is
@@ -20,8 +25,7 @@ registered with flags ``FPC``: ``F`` opens the interpreter at registration (this
 machine's ``/usr/bin/qemu-*-static``, so it need not exist in the foreign root),
 ``P`` keeps argv[0] (buildah recognises its helper modes by it), ``C`` (implies
 ``O``) computes credentials from the binary, not from qemu: without it setuid
-programs (sudo, newuidmap for rootless podman) run unprivileged ("sudo: effective
-uid is not 0").
+programs (sudo, newuidmap) run unprivileged ("sudo: effective uid is not 0").
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ import hashlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import emulation, paths, rootfs
@@ -54,6 +56,10 @@ def tarball(arch: str) -> Path:
     return paths.cache_dir() / "rootfs" / f"sshhost-{rootfs.SUITE}-{arch}-{cache_key(arch)}.tar.zst"
 
 
+# debootstrap's first stages share the deb cache (arch: all packages): one at a time
+_FIRST_STAGE = threading.Lock()
+
+
 def ensure_rootfs(arch: str, log=None) -> Path:
     """The cached rootfs tarball of ``arch``, built first if needed (minutes, emulated)."""
     a = emulation.arch(arch)
@@ -68,10 +74,11 @@ def ensure_rootfs(arch: str, log=None) -> Path:
         root = Path(tmp) / "root"
         blog = Path(tmp) / "build.log"
         t0 = time.monotonic()
-        subprocess.run(["debootstrap", "--foreign", f"--arch={a.name}", "--variant=minbase",
-                        f"--cache-dir={debs}", "--include=" + ",".join(packages(arch)),
-                        rootfs.SUITE, str(root), rootfs.MIRROR],
-                       check=True, stdout=subprocess.DEVNULL)
+        with _FIRST_STAGE:
+            subprocess.run(["debootstrap", "--foreign", f"--arch={a.name}", "--variant=minbase",
+                            f"--cache-dir={debs}", "--include=" + ",".join(packages(arch)),
+                            rootfs.SUITE, str(root), rootfs.MIRROR],
+                           check=True, stdout=subprocess.DEVNULL)
         t1 = time.monotonic()
         try:
             emulation.run_emulated(SECOND_STAGE, a, root, log=blog,
@@ -99,6 +106,10 @@ def ensure_rootfs(arch: str, log=None) -> Path:
 
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or sorted(emulation.ARCHES):
-        print(ensure_rootfs(name))
+    # cold, the emulated second stages are CPU-bound and single-threaded: build the
+    # architectures side by side (their first stages still take turns)
+    names = sys.argv[1:] or sorted(emulation.ARCHES)
+    with ThreadPoolExecutor(len(names)) as pool:
+        for out in pool.map(ensure_rootfs, names):
+            print(out)
     sys.exit(0)

@@ -85,9 +85,10 @@ def test_unprivileged_user_runs_emulated_programs(make_host, tmp_path):
 @pytest.mark.xfail(strict=True, reason=(
     "qemu-user (7.2, bookworm's) cannot give an emulated process a new user namespace: "
     "its own helper thread makes every emulated process multi-threaded, so "
-    "unshare(CLONE_NEWUSER) fails with EINVAL, and it refuses clone() with namespace flags "
-    "or CLONE_PARENT. So rootless podman/buildah, and runc/conmon (any RUN step, podman "
-    "run), do not work on an emulated host; builds without RUN do, through root's podman."))
+    "unshare(CLONE_NEWUSER) fails with EINVAL, and rootless podman's clone() fails "
+    "('cannot clone: Invalid argument'); runc fails too ('nsexec: could not ensure we are "
+    "a cloned binary'). So rootless podman/buildah, podman run and RUN steps do not work "
+    "on an emulated host; builds without RUN do, through root's podman."))
 def test_rootless_user_namespace_on_emulated_host(make_host, tmp_path):
     h = make_host(arch="arm64")
     key = add_user(h, "u-rootless", tmp_path)
