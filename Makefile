@@ -114,6 +114,7 @@ IMAGES_LOCK ?= dist/images.lock.yaml
 release: deps venv upstream ## images + bundles pushed, manifests pinned by digest, PIN_OUT/install.yaml
 	@[ -n "$(REGISTRY)" ] && [ -n "$(VERSION)" ] || \
 	  { echo "usage: make release REGISTRY=host[:port]/path VERSION=x.y [INSECURE=1]" >&2; exit 2; }
+	$(MPC) images prepare
 	$(MPC) images build $(BUNDLE_ARGS) --lock $(IMAGES_LOCK) $(if $(INSECURE),--tls-verify false)
 	$(MPC) bundles push $(BUNDLE_ARGS) --lock $(BUNDLES_LOCK) --images $(IMAGES_LOCK)
 	rm -rf $(PIN_OUT)

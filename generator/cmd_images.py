@@ -1,5 +1,6 @@
 """``mpc images build``: build mpc's images from their Containerfiles, push them, write a lock.
 
+    mpc images prepare          # the inputs that need the network, cached ($MPC_CACHE/images)
     mpc images build --registry quay.io/acme/mpc --version 0.2 --lock dist/images.lock.yaml
 
 See ``generator/images.py`` for how (offline, reproducible, nothing on this machine
@@ -21,6 +22,9 @@ def register(sub) -> None:
     p = sub.add_parser("images", help="build and push mpc's images (task runner, watcher)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_subparsers(dest="images_command", metavar="ACTION", required=True)
+    pr = s.add_parser("prepare", help="fetch what the build needs from the network (the "
+                      "Debian base, the wheelhouse) into the cache; `build` then runs offline")
+    pr.set_defaults(func=cmd_prepare)
     b = s.add_parser("build", help="build every image from its Containerfile and push it")
     b.add_argument("--registry", required=True, help="host[:port]/path, e.g. quay.io/acme/mpc")
     b.add_argument("--version", default="", help="tag (default: mpc's package version)")
@@ -46,4 +50,14 @@ def cmd_build(args) -> int:
     for name, ref in refs.items():
         print(f"{name:12} {ref}")
     print(f"wrote {args.lock} ({time.monotonic() - t0:.1f}s)")
+    return 0
+
+
+def cmd_prepare(_args) -> int:
+    try:
+        print(images.base_tarball())
+        print(images.wheelhouse())
+    except images.ImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

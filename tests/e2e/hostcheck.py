@@ -25,9 +25,10 @@ KUBELET_SYSCTLS = ("vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic",
 NET_SYSCTLS = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
 
 # other concurrent sessions' SSH test hosts (tests/infra/sshhosts.py: netns, veth and cgroup
-# subtree ``mpc<session>h<i>``, session any [a-z0-9]+; each farm proves its own teardown)
+# subtree ``mpc<session>h<i>``, session any [a-z0-9]+; each farm proves its own teardown),
+# their simulated pods' cgroups (tests/generator/podsim.py, removed when the pod's step ends)
 # and the /run/netns bind mount `ip netns` makes and whoever deletes the last netns removes
-_OTHERS = re.compile(r"mv[a-z0-9]+h\d+|mpc[a-z0-9]+h\d+|192\.168\.2[0-4]\d\.|/dev/shm/mpc-hosts-"
+_OTHERS = re.compile(r"mv[a-z0-9]+h\d+|mpc[a-z0-9]+h\d+|/mpc-pod-[0-9a-f]+$|192\.168\.2[0-4]\d\.|/dev/shm/mpc-hosts-"
                      r"|mpc-test-subnets|^\S+ /run/netns \S+$")
 
 

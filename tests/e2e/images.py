@@ -11,11 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
-import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -147,112 +144,6 @@ def build(spec: ImageSpec, nsx: Sequence[str], workdir: Path) -> Path:
         tmp.unlink(missing_ok=True)
         shutil.rmtree(scratch, ignore_errors=True)
     return out
-
-
-# --- mpc's task-runner, offline --------------------------------------------------------
-# tasks/runner/Containerfile starts FROM docker.io python, which this machine cannot pull.
-# The e2e variant: a Debian bookworm minbase rootfs with python3 + openssh-client
-# (debootstrap once, cached; same mirror and .deb cache as the SSH-host rootfs), the
-# mpc sources, and the installed distributions mpc depends on copied from this venv
-# (CPython 3.11 on bookworm here and there, so their compiled modules load).
-# libnss-wrapper: ssh under whatever uid the pod gets (mpc.runner.identity)
-RUNNER_PACKAGES = ("python3", "openssh-client", "libnss-wrapper")
-RUNNER_REF_NAME, RUNNER_TAG = "mpc/task-runner", "0.1"   # what tasks/mpc-*/ name
-
-
-def runner_rootfs() -> Path:
-    from tests.infra import rootfs
-    key = hashlib.sha256(f"{rootfs.SUITE}|{rootfs.MIRROR}|{RUNNER_PACKAGES}".encode()).hexdigest()[:12]
-    out = image_cache() / f"runner-rootfs-{key}.tar"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    debs = paths.cache_dir() / "rootfs" / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="mpc-runner-rootfs-") as tmp:
-        root = Path(tmp) / "root"
-        subprocess.run(["debootstrap", "--variant=minbase", f"--cache-dir={debs}",
-                        "--include=" + ",".join(RUNNER_PACKAGES), rootfs.SUITE, str(root),
-                        rootfs.MIRROR], check=True, stdout=subprocess.DEVNULL)
-        part = out.with_name(f".{out.name}.{os.getpid()}")
-        subprocess.run(["tar", "-C", str(root), "--numeric-owner",
-                        "--exclude=./var/cache/apt/archives/*.deb", "--exclude=./var/lib/apt/lists/*",
-                        "-cf", str(part), "."], check=True)
-        os.replace(part, out)
-    return out
-
-
-def _mpc_dists() -> list:
-    """The installed distributions mpc needs at run time (no extras), without mpc itself."""
-    from importlib import metadata
-    seen: dict[str, object] = {}
-    todo = ["mpc"]
-    while todo:
-        n = todo.pop()
-        k = re.sub(r"[-_.]+", "-", n).lower()
-        if k in seen:
-            continue
-        try:
-            d = metadata.distribution(n)
-        except metadata.PackageNotFoundError:   # a dependency whose marker excludes us
-            continue
-        seen[k] = d
-        todo += [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in d.requires or []
-                 if "extra ==" not in r]
-    return [d for k, d in seen.items() if k != "mpc"]
-
-
-# source folder -> package (pyproject's package-dir)
-MPC_PACKAGES = {"generator": "mpc/generator", "glue": "mpc/glue", "tasks/runner": "mpc/runner"}
-
-
-def _mpc_sources() -> list[Path]:
-    return sorted(p for src in MPC_PACKAGES for p in (paths.REPO / src).rglob("*")
-                  if p.is_file() and "__pycache__" not in p.parts)
-
-
-def _runner_files(scratch: Path) -> list[tuple[Path, str]]:
-    site = scratch / "site"
-    for d in _mpc_dists():
-        for f in d.files or []:
-            if str(f).startswith("..") or "__pycache__" in f.parts:
-                continue
-            src = Path(f.locate())
-            if src.is_file():
-                (site / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, site / f)
-    for src, pkg in MPC_PACKAGES.items():
-        shutil.copytree(paths.REPO / src, site / pkg,
-                        ignore=shutil.ignore_patterns("__pycache__", "Containerfile"))
-    bin_ = scratch / "bin"
-    bin_.mkdir()
-    for name, mod in (("mpc-runner", "mpc.runner.main"), ("mpc", "mpc.generator.cli")):
-        (bin_ / name).write_text(f"#!/bin/sh\nexec python3 -c 'import sys; from {mod} import main;"
-                                 f" sys.exit(main())' \"$@\"\n")
-        (bin_ / name).chmod(0o755)
-    # ssh refuses to run for a uid without a passwd entry ("No user exists for uid 65532")
-    etc = scratch / "etc"
-    etc.mkdir()
-    with tarfile.open(runner_rootfs()) as t:
-        for name, line in (("passwd", "nonroot:x:65532:65532:nonroot:/tmp:/bin/sh"),
-                           ("group", "nonroot:x:65532:")):
-            base = t.extractfile(f"./etc/{name}").read().decode()
-            (etc / name).write_text(base + line + "\n")
-            (etc / name).chmod(0o644)
-    return [(site, "/opt/mpc/site"), (bin_, "/usr/local/bin"),
-            (etc / "passwd", "/etc/passwd"), (etc / "group", "/etc/group")]
-
-
-def _runner_key_inputs() -> list[Path]:
-    inputs = [Path(__file__)] + _mpc_sources()
-    return inputs + [Path(d._path) / "RECORD" for d in _mpc_dists()          # noqa: SLF001
-                     if (Path(getattr(d, "_path", "/nonexistent")) / "RECORD").exists()]
-
-
-RUNNER = ImageSpec(RUNNER_REF_NAME, ["mpc-runner"], _runner_files, _runner_key_inputs,
-                   env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": "/opt/mpc/site",
-                        "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
-                   tag=RUNNER_TAG, user="65532:65532", base=runner_rootfs)
 
 
 # --- the builder image of buildah-remote, offline -----------------------------------------

@@ -1,15 +1,18 @@
-"""mpc end to end on the real node (issue 7): a remote build from PipelineRun to cleanup.
+"""mpc end to end on the real node: a remote build from PipelineRun to cleanup.
 
-Everything is the shipped artefact, installed the way a cluster admin would:
-the bundles pushed by ``mpc bundles push`` into the node's registry (the
-watcher's PipelineRuns and the build resolve them with ``resolver: bundles``),
-``glue/deploy/base`` (minus its Deployment: the watcher runs here as a process
-with its own ServiceAccount's token) and ``tasks/kustomization.yaml`` in
-namespace ``mpc``, a host pool of two real SSH hosts serving ``linux/arm64``.
-The build is a PipelineRun whose ``build`` task is ``buildah-remote`` from its
-bundle. Evidence comes from the API (watch streams keep every state, since the
-watcher deletes successful runs at once), from the hosts themselves
-(``host.exec``) and from the registry.
+Everything is what ``make release`` produces, installed the way a cluster admin
+would: ``make release`` runs inside the node's network namespace against its
+registry (mpc's images built from their Containerfiles and pushed, every bundle
+pushed with its steps pinned to the image digest, ``install.yaml``), and the
+test applies ``install.yaml`` as it is (namespace ``mpc`` enforcing Pod Security
+"restricted", the watcher Deployment with 2 replicas from its released image,
+RBAC, admission policy, Tasks and Pipelines); only the example host pool is
+replaced by a pool of two real SSH hosts serving ``linux/arm64``, and the
+admission policy's registry list names the node's registry. Nothing is loaded
+into the node by hand and no Task is rewritten. The build is a PipelineRun
+whose ``build`` task is ``buildah-remote`` from its bundle. Evidence comes from
+the API (watch streams keep every state, since the watcher deletes successful
+runs), from the hosts themselves (``host.exec``) and from the registry.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ NS = "mpc"                       # the generated mpc-tasks RBAC names it
 PLATFORM = "linux/arm64"
 TIMEOUT = float(os.environ.get("MPC_E2E_MPC_TIMEOUT", "600"))   # shared machine: generous, never asserted
 BIN = Path(sys.executable).parent
-KUBECTL, MPC, GLUE = str(BIN / "kubectl"), str(BIN / "mpc"), str(BIN / "mpc-glue")
+KUBECTL = str(BIN / "kubectl")
 BUSYBOX = images.BUSYBOX.ref
 
 
@@ -84,8 +87,13 @@ class Install:
     hosts: list
     bundles: dict[str, str]          # bundle name -> pinned ref
     builder_image: str               # BUILDER_IMAGE: in the node's registry
-    glue_log: Path
-    glue: subprocess.Popen | None = None
+    images: dict[str, str]           # mpc's images as released: name -> ref@digest
+
+    def watcher_log(self, tail: int = 40) -> str:
+        r = subprocess.run([KUBECTL, "--kubeconfig", str(self.node.kubeconfig), "logs", "-n", NS,
+                            "-l", "app.kubernetes.io/name=mpc-glue", "--prefix",
+                            f"--tail={tail}"], capture_output=True, text=True, timeout=60)
+        return r.stdout + r.stderr
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
         r = subprocess.run([KUBECTL, "--kubeconfig", str(self.node.kubeconfig), *args],
@@ -120,13 +128,24 @@ def _push_builder(node, spec: images.ImageSpec) -> str:
     return ref
 
 
-def _push_bundles(node, lock: Path) -> dict[str, str]:
-    """``mpc bundles push`` from inside the node's netns: refs name 10.200.0.1:5000."""
-    r = subprocess.run(["nsenter", f"--net=/run/netns/{node.netns}", MPC, "bundles", "push",
-                        "--registry", f"{REGISTRY}/mpc", "--version", "e2e", "--lock", str(lock)],
-                       capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return {name: b["ref"] for name, b in yaml.safe_load(lock.read_text())["bundles"].items()}
+def _release(node, work: Path) -> tuple[dict[str, str], dict[str, str], Path]:
+    """``make release`` from inside the node's netns into its registry (refs name
+    10.200.0.1:5000): (bundle refs, image refs, install.yaml)."""
+    out, block, ilock = work / "release", work / "bundles.lock.yaml", work / "images.lock.yaml"
+    # what needs the network (Debian base, wheelhouse) is fetched here, as on a release
+    # machine; the node's netns has none, so the release itself then runs offline
+    prep = subprocess.run([str(BIN / "mpc"), "images", "prepare"], capture_output=True,
+                          text=True, timeout=1200, cwd=REPO)
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{node.netns}", "make", "--no-print-directory",
+                        "-o", "deps", "-o", "venv", "-o", "upstream", "release",
+                        f"REGISTRY={REGISTRY}/mpc", "VERSION=e2e", "INSECURE=1", f"PIN_OUT={out}",
+                        f"BUNDLES_LOCK={block}", f"IMAGES_LOCK={ilock}"],
+                       capture_output=True, text=True, timeout=1800, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    bundles = {n: b["ref"] for n, b in yaml.safe_load(block.read_text())["bundles"].items()}
+    imgs = {n: i["ref"] for n, i in yaml.safe_load(ilock.read_text())["images"].items()}
+    return bundles, imgs, out / "install.yaml"
 
 
 def _delete_namespace(kube, name: str) -> None:
@@ -162,24 +181,24 @@ EOF
 def mpc(e2e_node, e2e_kube, host_farm, tmp_path_factory):
     t0 = time.monotonic()
     work = tmp_path_factory.mktemp("mpc-e2e")
-    e2e_node.ensure_image(images.RUNNER)             # what tasks/mpc-* name
     builder = _push_builder(e2e_node, images.BUILDER)
-    bundles = _push_bundles(e2e_node, work / "bundles.lock.yaml")
-    t_images = time.monotonic() - t0
+    bundles, released, install = _release(e2e_node, work)
+    t_release = time.monotonic() - t0
 
     _delete_namespace(e2e_kube, NS)                  # a warm node may keep an older run's
-    inst = Install(e2e_node, e2e_kube, [], bundles, builder, work / "mpc-glue.log")
-    base = [d for d in yaml.safe_load_all(inst.kubectl("kustomize", str(REPO / "glue/deploy/base")))
-            if d and d["kind"] != "Deployment"
-            and d["metadata"]["name"] != c.HOST_POOL_CONFIGMAP]      # our pool replaces the example
-    for d in base:    # the admission policy trusts the bundles of the registry they were pushed to
+    inst = Install(e2e_node, e2e_kube, [], bundles, builder, released)
+    docs = [d for d in yaml.safe_load_all(install.read_text())
+            if d and not (d["kind"] == "ConfigMap"     # our pool replaces the example
+                          and d["metadata"]["name"] == c.HOST_POOL_CONFIGMAP)]
+    for d in docs:    # the admission policy trusts the bundles of the registry they were pushed to
         if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mpc-admission":
             d["data"]["bundleRegistries"] = f"{REGISTRY}/mpc\n"
-    inst.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(base))
-    inst.kubectl("apply", "--server-side", "-n", NS, "-k", str(REPO / "tasks"))
+    cluster_scoped = {(d["kind"], d["metadata"]["name"]) for d in docs
+                      if "namespace" not in d["metadata"] and d["kind"] != "Namespace"}
 
     hosts = []
     try:
+        inst.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs))
         for _ in range(2):
             h = e2e_hosts.move_into_node(host_farm.add(), e2e_node)
             hosts.append(h)
@@ -197,36 +216,21 @@ def mpc(e2e_node, e2e_kube, host_farm, tmp_path_factory):
         core.create_namespaced_config_map(NS, client.V1ConfigMap(
             metadata=client.V1ObjectMeta(name=c.HOST_POOL_CONFIGMAP),
             data={c.POOL_KEY: yaml.safe_dump({"hosts": entries})}))
-
-        kubeconfig = e2e_node.serviceaccount_kubeconfig(NS, c.WATCHER_SERVICE_ACCOUNT)
-        env = dict(os.environ, MPC_GLUE_PIPELINE_BUNDLE=bundles["pipeline-mpc-provisioning"],
-                   MPC_GLUE_SWEEP_BUNDLE=bundles["task-mpc-sweep"])
-        env.pop("KUBECONFIG", None)
-        with open(inst.glue_log, "ab") as log:
-            inst.glue = subprocess.Popen(
-                [GLUE, "--kubeconfig", str(kubeconfig), "--namespace", NS,
-                 "--metrics-address", "127.0.0.1", "--metrics-port", "0", "--gc-interval", "1s",
-                 "--sweep-interval", "0", "--log-level", "debug"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        print(f"\nmpc e2e install: images+bundles {t_images:.1f} s, "
-              f"total {time.monotonic() - t0:.1f} s; glue log {inst.glue_log}")
+        # the watcher runs as shipped: the released image, 2 replicas, one leader
+        apps = client.AppsV1Api(e2e_kube)
+        wait_for("the watcher Deployment available", lambda: (
+            apps.read_namespaced_deployment("mpc-glue", NS).status.available_replicas or 0) >= 1)
+        wait_for("a watcher leader", lambda: (client.CoordinationV1Api(e2e_kube)
+                 .read_namespaced_lease("mpc-glue-leader", NS).spec.holder_identity or ""))
+        print(f"\nmpc e2e install: make release {t_release:.1f} s, "
+              f"total {time.monotonic() - t0:.1f} s; images {released}")
         yield inst
     finally:
-        if inst.glue is not None:
-            os.killpg(inst.glue.pid, signal.SIGTERM)
-            try:
-                inst.glue.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(inst.glue.pid, signal.SIGKILL)
-                inst.glue.wait()
-            if inst.glue_log.exists():
-                print("--- mpc-glue log (tail)\n" + "\n".join(
-                    inst.glue_log.read_text(errors="replace").splitlines()[-40:]))
+        print("--- mpc-glue log (tail)\n" + inst.watcher_log())
         for h in hosts:
             h.destroy()
         _delete_namespace(e2e_kube, NS)
-        for kind, name in {(d["kind"], d["metadata"]["name"]) for d in base
-                           if d["kind"] in ("ClusterRole", "ClusterRoleBinding")}:
+        for kind, name in cluster_scoped:
             inst.kubectl("delete", kind.lower(), name, "--ignore-not-found")
 
 
@@ -455,10 +459,15 @@ def test_remote_build_from_pipelinerun_to_cleanup(mpc, e2e_namespace, tmp_path):
     assert any(c.FINALIZER in (o["metadata"].get("finalizers") or ()) for o in trs[tr_name])
     assert not any(c.FINALIZER in (o["metadata"].get("finalizers") or ())
                    for o in trs.get("hello-source", []))
-    # a provisioning PipelineRun succeeded, its pipeline resolved from the bundle
+    # a provisioning PipelineRun of the released Pipeline succeeded; its Task came from the
+    # released bundle, pinned by digest
     prov = rec.runs("pr", "provision")[c.provision_run_name(uid)]
     assert _cond(prov[-1]).get("status") == "True", _cond(prov[-1])
-    assert prov[0]["spec"]["pipelineRef"]["resolver"] == "bundles"
+    assert prov[0]["spec"]["pipelineRef"] == {"name": c.PROVISION_PIPELINE}
+    child = _co(inst.kube).get_namespaced_custom_object(
+        "tekton.dev", "v1", NS, "pipelines", c.PROVISION_PIPELINE)["spec"]["tasks"][0]["taskRef"]
+    assert {p["name"]: p["value"] for p in child["params"]}["bundle"] == \
+        inst.bundles["task-mpc-provision"]
     # the build pod started once the secret appeared
     created, data = rec.secrets[secret]
     user, address = data[c.KEY_HOST].split("@")
@@ -583,6 +592,8 @@ def test_provisioning_runs_under_an_arbitrary_uid_in_a_restricted_namespace(mpc,
     assert user in host.users()
     pod = client.CoreV1Api(inst.kube).read_namespaced_pod(prov["status"]["podName"], NS)
     assert pod.spec.security_context.run_as_user == run_as
+    # the step ran the released runner image, by digest (no image loaded by hand)
+    assert [ctr.image for ctr in pod.spec.containers] == [inst.images["task-runner"]]
     done = wait_done(inst, ns, "taskruns", build)
     assert _cond(done).get("status") == "True", _cond(done)
     assert f"{user}@{host.address}" in step_log(inst, ns, done, "show")

@@ -195,21 +195,6 @@ def test_steps_reach_the_apiserver_through_the_kubernetes_service(e2e_kube, e2e_
     assert results(tr) == {"version": "v1.32.4"}
 
 
-def test_mpc_task_runner_image_runs_as_a_step(e2e_node, e2e_kube, e2e_namespace):
-    """The offline build of tasks/runner's image (what tasks/mpc-* run) starts and imports."""
-    ref = e2e_node.ensure_image(images.RUNNER)
-    assert ref == "localhost/mpc/task-runner:0.1"
-    create_taskrun(e2e_kube, e2e_namespace, {"taskSpec": {
-        "results": [{"name": "out"}],
-        "steps": [{"name": "runner", "image": ref, "script": (
-            "#!/bin/sh\nset -e\nmpc-runner --help > /tmp/help\nssh -V 2>/tmp/ssh\n"
-            "python3 -c 'import mpc.runner.provision, kubernetes, cryptography, yaml;"
-            " print(\"ok\", end=\"\")' > $(results.out.path)\n")}]}}, "runner")
-    tr = wait_taskrun_done(e2e_kube, e2e_namespace, "runner")
-    assert succeeded(tr)["status"] == "True", tr["status"]
-    assert results(tr) == {"out": "ok"}
-
-
 def test_serviceaccount_kubeconfig_is_bound_by_rbac(e2e_node, e2e_namespace):
     from kubernetes import config
     sa = config.new_client_from_config(str(e2e_node.serviceaccount_kubeconfig(e2e_namespace, "default")))

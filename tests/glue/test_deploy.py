@@ -70,6 +70,9 @@ def test_deployment_is_locked_down(cluster):
     pod = dep["spec"]["template"]["spec"]
     ctr = pod["containers"][0]
     assert pod["serviceAccountName"] == c.WATCHER_SERVICE_ACCOUNT
+    # Service mpc-glue-metrics would inject MPC_GLUE_METRICS_PORT=tcp://...: the watcher's
+    # own env setting (found when the e2e ran the released Deployment: CrashLoopBackOff)
+    assert pod["enableServiceLinks"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
     assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
