@@ -156,6 +156,7 @@ def wrapper_script(*, original: str, image_var: str | None, dirs: list[tuple[str
         "@PODMAN_OPTS@\n": "".join(x + "\n" for x in opt_lines),
         "@RUNNER@": _template("buildah-remote-runner.sh").rstrip("\n"),
         "@HOST_SCRIPT@": _template("buildah-remote-host.sh").rstrip("\n"),
+        "@USER_LABEL@": contract.LABEL_BUILD_USER,
         "@EOF_MARK@": _heredoc_mark(original),
     }
     if image_var:

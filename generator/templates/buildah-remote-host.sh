@@ -21,14 +21,18 @@ else
 fi
 rm -f "$BUILD_DIR/out/rootless.err"
 
+# Labelled with the build user: deprovisioning removes root's containers by it,
+# whatever still runs when the build is cancelled.
+label=(--label "@USER_LABEL@=$(id -un)")
 # The env comes in a file only this user (and root) can read: never on a command line.
 rc=0
-"${podman[@]}" run --rm --env-file "$BUILD_DIR/env/build.env" "${RUN_OPTS[@]}" \
+"${podman[@]}" run --rm "${label[@]}" --env-file "$BUILD_DIR/env/build.env" "${RUN_OPTS[@]}" \
   --entrypoint /mpc/scripts/run "$BUILDER_IMAGE" "${ARGS[@]}" </dev/null || rc=$?
 rm -f "$BUILD_DIR/env/build.env"
 if [ "${podman[0]}" = sudo ]; then
   # rootful podman wrote as root: give the files back to the build user
-  sudo -n podman run --rm --pull=never --user 0 --entrypoint chown -v "$BUILD_DIR:/mpc-build:Z" \
+  sudo -n podman run --rm "${label[@]}" --pull=never --user 0 --entrypoint chown \
+    -v "$BUILD_DIR:/mpc-build:Z" \
     "$BUILDER_IMAGE" -R "$(id -u):$(id -g)" /mpc-build </dev/null || rc=$((rc ? rc : 1))
 fi
 exit "$rc"

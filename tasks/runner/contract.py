@@ -42,6 +42,11 @@ ANN_HOST_KEY = f"{DOMAIN}/host-key"             # 'ssh-ed25519 AAAA...' recorded
 ANN_FINGERPRINT = f"{DOMAIN}/fingerprint"       # SHA256:... of ANN_HOST_KEY
 ROLE_HOST_KEY = "host-key"                      # LABEL_ROLE of a host key recorded on first use
 
+# --- on build hosts ----------------------------------------------------------------
+# buildah-remote labels the containers it runs with the build user (value: the user
+# name); deprovisioning removes root's containers (the sudo podman path) by it.
+LABEL_BUILD_USER = f"{DOMAIN}/build-user"
+
 # --- the host pool ---------------------------------------------------------------
 HOST_POOL_CONFIGMAP = "mpc-host-pool"           # key POOL_KEY holds the YAML pool
 POOL_KEY = "pool.yaml"

@@ -116,7 +116,8 @@ def remove_users(kube: Kube, namespace: str, host: Host, users: list[str]) -> in
     if not users:
         return 0
     with hostkeys.session(kube, namespace, host) as s:
-        s.run(script("deprovision-users.sh", BUILD_USERS=" ".join(users)))
+        s.run(script("deprovision-users.sh", BUILD_USERS=" ".join(users),
+                     CONTAINER_LABEL=contract.LABEL_BUILD_USER))
         return s.round_trips
 
 

@@ -1,0 +1,146 @@
+"""Deprovisioning removes everything of a build (issue 11, item 2).
+
+A build user on a real SSH host leaves behind what survives `pkill -u`: a
+rootless container running as the image's USER 1000 (a subordinate uid of
+the user) and, through its `sudo podman` rule, a buildah-remote build still
+running in root's podman (the build was cancelled mid-way). The real
+mpc-deprovision Task must leave none of it, and free the user's subordinate
+range for the next build user.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import yaml
+
+from mpc.generator import buildah_remote as br
+from mpc.runner import contract
+from tests.generator.conftest import IMPORT_STEP_IMAGE, STEP_IMAGE
+from tests.generator.podsim import Pod
+from tests.infra.procs import wait_for
+
+from .conftest import make_taskrun, read_secret
+
+# The build step blocks, as a build that is cancelled while it runs.
+HANG = """\
+apiVersion: tekton.dev/v1
+kind: Task
+metadata:
+  name: hang
+spec:
+  workspaces:
+    - name: source
+  steps:
+    - name: build
+      image: %s
+      workingDir: $(workspaces.source.path)
+      script: |
+        #!/bin/bash
+        set -euo pipefail
+        touch started
+        sleep 3602
+""" % STEP_IMAGE
+
+# A tiny image made on the host (offline): sleep and its libraries, USER 1000. In
+# a storage of its own: the default one is the broken one (see below).
+SLEEPER = """set -e
+podman() { command podman --root "$HOME/sleeper" --runroot "/tmp/sleeper-$(id -u)" \
+  --storage-driver vfs "$@"; }
+tar -C / -chf - usr/bin/sleep lib/x86_64-linux-gnu/libc.so.6 lib64/ld-linux-x86-64.so.2 2>/dev/null \
+  | podman import --change 'USER 1000' - localhost/sleeper:1 >/dev/null
+podman run -d localhost/sleeper:1 /usr/bin/sleep 3601 >/dev/null
+"""
+
+
+def processes(h) -> list[tuple[int, set[int], str]]:
+    """(pid, uids, command line) of every live process in the host's PID namespace."""
+    out = []
+    for d in h.path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            status = (d / "status").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = dict(ln.split(":", 1) for ln in status.splitlines() if ":" in ln)
+        if fields["State"].split()[0] in ("Z", "X"):
+            continue
+        out.append((int(d.name), {int(u) for u in fields["Uid"].split()}, cmd))
+    return out
+
+
+def test_deprovisioning_leaves_no_process_container_or_subuid_of_the_build(
+        controller, kube, namespace, make_host, host_farm, tmp_path):
+    h = make_host()
+    controller.install_pool([h], concurrency=1,
+                            **{f"host_{h.name}": {"sudoCommands": ["/usr/bin/podman"]}})
+    tr = make_taskrun(kube, namespace)
+    assert controller.provision(tr).results["outcome"] == "served"
+    s = read_secret(kube, tr)
+    user = s["host"].split("@")[0]
+    key = tmp_path / "id_rsa"
+    key.write_text(s["id_rsa"])
+    key.chmod(0o600)
+    uid = int(h.exec(f"id -u {user}").stdout)
+    (first, count), = [(int(f), int(c)) for name, f, c in
+                       (ln.split(":") for ln in h.path("/etc/subuid").read_text().split())
+                       if name == user]
+    mine = lambda uids: any(u == uid or first <= u < first + count for u in uids)  # noqa: E731
+
+    # Rootless podman cannot run for this user here (as on a host without user
+    # namespaces for builds), so buildah-remote takes the sudo podman path.
+    h.exec(f"""set -e
+d=/home/{user}/.config/containers
+install -d -o {user} -g {user} /home/{user}/.config "$d"
+printf '[storage]\\ndriver = "no-such-driver"\\n' > "$d/storage.conf"
+chown {user}: "$d/storage.conf"
+""")
+    h.exec(IMPORT_STEP_IMAGE.replace("| su - {user} -s /bin/bash -c", "| sh -c")
+           .format(user=user), timeout=300)
+    task = yaml.safe_load(br.generate(HANG).text)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    for k, v in s.items():
+        (secret / k).write_text(v)
+    pod = Pod(rootfs=host_farm.base, dir=tmp_path / "pod", task=task,
+              params={"PLATFORM": "linux/arm64"}, sources={br.SSH_VOLUME: secret})
+    result = {}
+    build = threading.Thread(target=lambda: result.update(r=pod.run("build", timeout=300)))
+    build.start()
+    deprovisioned = False
+    try:
+        started = h.path(f"/home/{user}/mpc-build/workspaces/source/started")
+        wait_for("the build to run in root's podman",
+                 lambda: started.exists() or not build.is_alive(), timeout=240, interval=0.2)
+        assert build.is_alive(), result["r"].stderr[-3000:]
+        # ... and a rootless container of its own, running as a subordinate uid
+        sleeper = h.ssh(SLEEPER, user=user, key=key, timeout=120, check=False)
+        assert sleeper.returncode == 0, sleeper.stderr
+
+        before = processes(h)
+        rootless = [p for p in before if p[2] == "/usr/bin/sleep 3601"]
+        rootful = [p for p in before if p[2] == "sleep 3602"]
+        assert len(rootless) == 1 and mine(rootless[0][1]) and uid not in rootless[0][1], rootless
+        assert len(rootful) == 1 and rootful[0][1] == {0}, rootful
+        labelled = h.exec(f"podman ps -q --filter label={contract.LABEL_BUILD_USER}={user}"
+                          ).stdout.split()
+
+        deprovisioned = True
+        r = controller.deprovision(tr)
+        assert r.results["removed-users"] == "1"
+
+        left = [p for p in processes(h) if mine(p[1]) or "sleep 360" in p[2]]
+        assert left == [], left
+        assert h.exec("podman ps -a -q").stdout.strip() == ""
+        assert user not in h.users()
+        for f in ("/etc/subuid", "/etc/subgid"):
+            assert f"{user}:" not in h.path(f).read_text(), f
+        assert h.exec(f"find /tmp /var/tmp /dev/shm -uid {uid}").stdout == ""
+        assert len(labelled) == 1, "buildah-remote's container carries the build user's label"
+    finally:
+        if build.is_alive() and not deprovisioned:
+            h.stop()                          # the test failed early: end the build now
+        build.join(timeout=300)
+    assert result["r"].returncode != 0       # the cancelled build does not pretend success
