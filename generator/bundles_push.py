@@ -220,6 +220,8 @@ def push(spec: Spec, registry: str, info: BuildInfo, tkn: str | None = None,
     env = dict(os.environ)
     env.pop("SOURCE_DATE_EPOCH", None)   # --ctime is explicit
     with tempfile.TemporaryDirectory(prefix="mpc-bundles-") as scratch:
+        # tkn writes each layer to a temp file it never removes: keep them in our scratch
+        env["TMPDIR"] = scratch
         for b in order:
             pins = result.pins()
             pins.images = dict(images or {})      # step images pinned to their digests

@@ -133,7 +133,9 @@ def test_repo_layers_match_tasks_dir(pushed):
 
 
 def test_repo_push_is_reproducible(registry, tmp_path):
-    env = dict(os.environ, SOURCE_DATE_EPOCH="1717000000")
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    env = dict(os.environ, SOURCE_DATE_EPOCH="1717000000", TMPDIR=str(tmp))
     digests = []
     for i in range(2):
         lock = tmp_path / f"lock{i}.yaml"
@@ -142,6 +144,8 @@ def test_repo_push_is_reproducible(registry, tmp_path):
         assert r.rc == 0, r.err
         digests.append({k: v["digest"] for k, v in yaml.safe_load(lock.read_text())["bundles"].items()})
     assert digests[0] == digests[1]
+    # tkn leaves a temp file per layer; a push leaves nothing in TMPDIR
+    assert list(tmp.iterdir()) == []
 
 
 def test_pin_target_pins_every_reference(pushed, tmp_path, registry):

@@ -3,6 +3,8 @@
 # modules into a cache directory keyed by version and go.sum, so a warm run
 # does nothing. Usage: build.sh CACHE_DIR
 set -euo pipefail
+# a failed (or killed) build inside $(...) must stop the script, never reach `touch .complete`
+shopt -s inherit_errexit
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache="${1:?usage: build.sh CACHE_DIR}"
 export GOSUMDB=off GOFLAGS="-buildvcs=false -mod=readonly" CGO_ENABLED=0
@@ -11,7 +13,17 @@ K8S_VERSION=v1.32.4
 TEKTON_VERSION=v1.0.0
 TKN_VERSION=v0.41.0
 
-key() { sha256sum "$here/$1/go.sum" "$here/$1/go.mod" "$here/build.sh" | sha256sum | cut -c1-12; }
+# contents only, never paths: every clone of the same sources shares the cache
+key() { cat "$here/$1/go.sum" "$here/$1/go.mod" "$here/build.sh" | sha256sum | cut -c1-12; }
+
+# mark $1 complete only if every binary named after it is there
+complete() {
+  local out="$1"; shift
+  for b in "$@"; do
+    [[ -x "$out/$b" ]] || { echo "build.sh: $out/$b is missing after the build" >&2; exit 1; }
+  done
+  touch "$out/.complete"
+}
 
 build_kubernetes() {
   local out="$cache/bin/kubernetes-$K8S_VERSION-$(key kubernetes)"
@@ -24,7 +36,7 @@ build_kubernetes() {
   (cd "$here/kubernetes" && go build -ldflags "$ldflags" -o "$out/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy) >&2
-  touch "$out/.complete"
+  complete "$out" kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy
   echo "$out"
 }
 
@@ -41,7 +53,7 @@ build_tekton() {
   # Tekton's CRDs and release config ship inside the module zip.
   local dir; dir="$(cd "$here/tekton" && go list -m -f '{{.Dir}}' github.com/tektoncd/pipeline)"
   rm -rf "$out/config" && cp -r "$dir/config" "$out/config" && chmod -R u+w "$out/config"
-  touch "$out/.complete"
+  complete "$out" controller webhook resolvers entrypoint nop workingdirinit sidecarlogresults tkn
   echo "$out"
 }
 
