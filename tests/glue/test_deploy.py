@@ -139,4 +139,8 @@ def test_watcher_works_with_its_shipped_rbac_and_cannot_read_secrets(
     assert tekton.get_pr(ctrl_ns, c.deprovision_run_name(uid)) is not None
     text = w.metrics()
     assert 'kind="api_403"' not in text and 'kind="pool_read"' not in text, text
-    assert '"403' not in w.log_text() and "Forbidden" not in w.log_text()
+    # no request was forbidden by RBAC (the cluster-wide watcher may also see builds other
+    # tests left in namespaces being deleted: Events there are refused for that reason alone)
+    denied = [ln for ln in w.log_text().splitlines() if ('"403' in ln or "Forbidden" in ln)
+              and "because it is being terminated" not in ln]
+    assert not denied, denied
