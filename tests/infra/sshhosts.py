@@ -322,7 +322,6 @@ class HostFarm:
         self.session = session or f"{os.getpid() % 100000:05d}"
         self.SUBNET, self._lock = _claim_subnet()
         self.hosts: list[SSHHost] = []
-        self._next = 0
         self.dir = Path(tempfile.mkdtemp(prefix=f"mpc-hosts-{self.session}-", dir="/dev/shm"))
         self.base = self.dir / "base"
         self._extracted = False
@@ -358,10 +357,12 @@ class HostFarm:
             cls, base = EmulatedHost, self.foreign_base(arch)
         else:
             self._extract()
-        i = self._next
-        self._next += 1
-        if i >= 63:
-            raise RuntimeError("at most 63 test hosts per session")
+        # a destroyed host (its state dir is gone) frees its /30, netns and cgroup names
+        self.hosts = [h for h in self.hosts if h.state.exists()]
+        used = {h.index for h in self.hosts}
+        i = next((n for n in range(63) if n not in used), None)
+        if i is None:
+            raise RuntimeError("at most 63 test hosts alive at once per session")
         name = name or f"host{i}"
         h = cls(name=name, index=i, base=base, state=self.dir / f"h{i}",
                 netns=f"mpc{self.session}h{i}", veth=f"mv{self.session}h{i}"[:15],

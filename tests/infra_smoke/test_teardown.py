@@ -61,3 +61,18 @@ setsid sh -c 'for d in /sys/fs/cgroup/*/; do echo $$ > "${{d}}{name}/cgroup.proc
         farm.close()
     assert not any(alive(p) for p in pids)
     assert h.cgroup.leftovers() == []
+
+
+def test_a_destroyed_hosts_address_and_names_are_reused():
+    """A session may create more hosts than its /24 holds at once (the suite outgrew 63):
+    a destroyed host gives its /30, netns and cgroup names back, and the next host works."""
+    farm = HostFarm()
+    try:
+        a = farm.add()
+        a.destroy()
+        b = farm.add()
+        assert (b.index, b.address, b.netns) == (a.index, a.address, a.netns)
+        assert b.ssh("hostname").stdout.strip() == b.name
+        assert farm.add().index != b.index            # a live host keeps its own
+    finally:
+        farm.close()
