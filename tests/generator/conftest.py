@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.sshhosts import SSHHost, keypair
+from tests.infra.sshhosts import SSHHost, add_user
 
 STEP_IMAGE = "localhost/mpc-test-buildah:1"
 BUILD_USER = "u-0123456789abcdef01234567"
@@ -42,19 +42,7 @@ class BuildHost:
 
 def add_build_user(h: SSHHost, user: str, key_dir: Path, sudo_podman: bool = False) -> Path:
     """A build user as the provisioner makes one; rootless podman unless ``sudo_podman``."""
-    priv, pub = keypair()
-    key = key_dir / f"{user}.key"
-    key.write_bytes(priv)
-    key.chmod(0o600)
-    h.ssh(f"""set -e
-sudo useradd -m -s /bin/bash {user}
-sudo install -d -m 700 -o {user} -g {user} /home/{user}/.ssh
-sudo install -m 600 -o {user} -g {user} /dev/stdin /home/{user}/.ssh/authorized_keys
-""", input=f"restrict {pub}\n")
-    if sudo_podman:
-        h.ssh(f"echo '{user} ALL=(root) NOPASSWD: /usr/bin/podman' | "
-              f"sudo tee /etc/sudoers.d/mpc-{user} >/dev/null && sudo chmod 440 /etc/sudoers.d/mpc-{user}")
-    return key
+    return add_user(h, user, key_dir, "/usr/bin/podman" if sudo_podman else "")
 
 
 @pytest.fixture

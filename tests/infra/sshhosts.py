@@ -380,3 +380,21 @@ class HostFarm:
         # `ip netns add` leaves /run/netns mounted; drop it once no netns remains
         if Path("/run/netns").exists() and not any(Path("/run/netns").iterdir()):
             subprocess.run(["umount", "/run/netns"], capture_output=True)
+
+
+def add_user(h: SSHHost, user: str, key_dir: Path, sudo: str = "") -> Path:
+    """An ordinary login user with a fresh key, as mpc's provisioner makes one (``restrict``
+    in authorized_keys), plus a sudo rule for ``sudo`` if given; returns the key file."""
+    priv, pub = keypair()
+    key = key_dir / f"{user}.key"
+    key.write_bytes(priv)
+    key.chmod(0o600)
+    h.ssh(f"""set -e
+sudo useradd -m -s /bin/bash {user}
+sudo install -d -m 700 -o {user} -g {user} /home/{user}/.ssh
+sudo install -m 600 -o {user} -g {user} /dev/stdin /home/{user}/.ssh/authorized_keys
+""", input=f"restrict {pub}\n")
+    if sudo:
+        h.ssh(f"echo '{user} ALL=(root) NOPASSWD: {sudo}' | sudo tee /etc/sudoers.d/mpc-{user} "
+              f">/dev/null && sudo chmod 440 /etc/sudoers.d/mpc-{user}")
+    return key

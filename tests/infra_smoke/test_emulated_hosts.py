@@ -17,7 +17,7 @@ import pytest
 
 from tests.infra import emulation
 from tests.infra.procs import alive
-from tests.infra.sshhosts import HostFarm, keypair
+from tests.infra.sshhosts import HostFarm, add_user
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -56,23 +56,6 @@ def test_uname_over_ssh_is_the_emulated_machine(make_host, arch, tmp_path):
     assert "enabled" in inside and f"/usr/bin/qemu-{a.machine}-static" in inside
     assert "flags: POCF" in inside           # FPC, C implying O
     assert machine_binfmt() == before
-
-
-def add_user(h, user: str, tmp_path: Path, sudo: str = "") -> Path:
-    """An ordinary user with an SSH key, as mpc's provisioner makes one (+ a sudo rule)."""
-    priv, pub = keypair()
-    key = tmp_path / f"{user}.key"
-    key.write_bytes(priv)
-    key.chmod(0o600)
-    h.ssh(f"""set -e
-sudo useradd -m -s /bin/bash {user}
-sudo install -d -m 700 -o {user} -g {user} /home/{user}/.ssh
-sudo install -m 600 -o {user} -g {user} /dev/stdin /home/{user}/.ssh/authorized_keys
-""", input=f"restrict {pub}\n")
-    if sudo:
-        h.ssh(f"echo '{user} ALL=(root) NOPASSWD: {sudo}' | sudo tee /etc/sudoers.d/mpc-{user} "
-              f">/dev/null && sudo chmod 440 /etc/sudoers.d/mpc-{user}")
-    return key
 
 
 def test_unprivileged_user_runs_emulated_programs(make_host, tmp_path):
