@@ -1,6 +1,7 @@
 """The e2e node tier: real kubelet + containerd + Tekton doing what mpc relies on."""
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
@@ -146,8 +147,10 @@ spec:
       printf 'hello %s' "$WHO" > $(results.out.path)
 """)
     repo = f"bundles/{e2e_namespace}/greet:v1"
+    # tkn leaves a temp file per layer: keep it in the test's own dir
     subprocess.run([paths.tool("tkn"), "bundle", "push", f"{e2e_node.registry_host}/{repo}",
-                    "-f", str(task)], check=True, capture_output=True, timeout=120)
+                    "-f", str(task)], check=True, capture_output=True, timeout=120,
+                   env=dict(os.environ, TMPDIR=str(task.parent)))
     create_taskrun(e2e_kube, e2e_namespace, {
         "params": [{"name": "who", "value": "bundle"}],
         "taskRef": {"resolver": "bundles", "params": [
