@@ -91,14 +91,7 @@ def ensure_rootfs(arch: str, log=None) -> Path:
         (root / "etc/containers").mkdir(parents=True, exist_ok=True)
         (root / "etc/containers/containers.conf").write_text(rootfs.CONTAINERS_CONF)
         t2 = time.monotonic()
-        part = out.with_suffix(".part")
-        with open(part, "wb") as f:
-            tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."],
-                                   stdout=subprocess.PIPE)
-            subprocess.run(["zstd", "-3", "-T0", "-q"], stdin=tar.stdout, stdout=f, check=True)
-            if tar.wait() != 0:
-                raise RuntimeError(f"tar of the {arch} rootfs failed")
-        part.rename(out)
+        rootfs.pack(root, out, f"the {arch} rootfs")
         emulation.check_machine_binfmt_untouched()
         print(f"{arch} rootfs: first stage {t1 - t0:.0f}s, second stage + setup (emulated) "
               f"{t2 - t1:.0f}s, tarball {time.monotonic() - t2:.0f}s", file=log or sys.stderr)

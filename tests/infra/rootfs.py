@@ -75,15 +75,20 @@ def ensure_rootfs() -> Path:
         (root / "etc/containers").mkdir(parents=True, exist_ok=True)
         (root / "etc/containers/containers.conf").write_text(CONTAINERS_CONF)
         subprocess.run(["chroot", str(root), "/bin/sh", "-c", SETUP], check=True)
-        part = out.with_suffix(".part")
-        with open(part, "wb") as f:
-            tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."],
-                                   stdout=subprocess.PIPE)
-            subprocess.run(["zstd", "-3", "-T0", "-q"], stdin=tar.stdout, stdout=f, check=True)
-            if tar.wait() != 0:
-                raise RuntimeError("tar of the rootfs failed")
-        part.rename(out)
+        pack(root, out, "the rootfs")
     return out
+
+
+def pack(root: Path, out: Path, what: str) -> None:
+    """``root`` as a zstd tarball at ``out``, written aside and renamed (never half there)."""
+    part = out.with_suffix(".part")
+    with open(part, "wb") as f:
+        tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."],
+                               stdout=subprocess.PIPE)
+        subprocess.run(["zstd", "-3", "-T0", "-q"], stdin=tar.stdout, stdout=f, check=True)
+        if tar.wait() != 0:
+            raise RuntimeError(f"tar of {what} failed")
+    part.rename(out)
 
 
 if __name__ == "__main__":
