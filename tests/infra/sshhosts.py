@@ -230,7 +230,14 @@ exec /usr/sbin/sshd -D -e
     def destroy(self) -> None:
         self.stop()
         self.cgroup.remove()
+        # delete the veth pair ourselves (from the host's end: the uplink end may have moved
+        # into the e2e node's netns): a netns goes away asynchronously, and its veth pair with
+        # it, so the next host given this index could find the name still taken
+        subprocess.run(["ip", "-n", self.netns, "link", "del", "eth0"], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        wait_for(f"{self.veth} gone", lambda: subprocess.run(
+            ["ip", "link", "show", self.veth], capture_output=True).returncode != 0, timeout=10)
         shutil.rmtree(self.state, ignore_errors=True)
 
     # --- access --------------------------------------------------------------------
