@@ -36,11 +36,13 @@ def validate(args: argparse.Namespace) -> int:
                 print(f"{args.file}: {m}", file=sys.stderr)
             return 1
         pool = hostpool.from_document(doc)
-    # Read but ignored (Konflux keys for dynamic hosts): said, but not an error.
+    # Read but ignored (Konflux keys mpc has no use for): said, but not an error.
     for m in pool.warnings:
         print(f"{args.file}: warning: {m}", file=sys.stderr)
     slots = sum(h.concurrency for h in pool.hosts)
-    print(f"{args.file}: valid: {len(pool.hosts)} hosts, {slots} slots, platforms: "
+    vms = sum(d.max_instances for d in pool.dynamic)
+    dynamic = f", {len(pool.dynamic)} dynamic platforms (up to {vms} VMs)" if pool.dynamic else ""
+    print(f"{args.file}: valid: {len(pool.hosts)} hosts, {slots} slots{dynamic}, platforms: "
           f"{', '.join(pool.platforms) or 'none'}")
     return 0
 

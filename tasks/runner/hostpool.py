@@ -7,8 +7,14 @@ so an existing pool migrates unchanged: lists may have trailing commas and
 backslash line continuations, ``local``/``localhost`` are local platforms,
 platforms may carry a flavour (``linux-m2xlarge/arm64``) and allowed
 namespaces are regular expressions matched against the whole name (in both
-forms). Keys only dynamic (cloud) hosts use are ignored with a warning
-(``Pool.warnings``). Every problem is reported with its path, all at once.
+forms). Every problem is reported with its path, all at once.
+
+Dynamic platforms (``dynamic``: cloud VMs launched per build, ``Dynamic``)
+come from the same document; Konflux's ``dynamic-platforms``,
+``dynamic-pool-platforms``, ``instance-tag``, ``additional-instance-tags`` and
+``dynamic.<platform with - for />.<key>`` keys map to them
+(``_KONFLUX_DYNAMIC_FIELDS``); Konflux keys mpc has no use for are ignored
+with a warning.
 """
 from __future__ import annotations
 
@@ -55,12 +61,66 @@ class Host:
 
 
 @dataclass(frozen=True)
+class AwsSettings:
+    """EC2 settings of a dynamic platform (``$defs/aws`` in the schema)."""
+
+    region: str
+    ami: str
+    instance_type: str
+    key_name: str
+    credentials_secret: str
+    endpoint: str | None = None
+    subnet: str | None = None
+    security_group_id: str | None = None
+    security_group: str | None = None
+    instance_profile: str | None = None
+    disk_gib: int = 40
+    iops: int | None = None
+    throughput: int | None = None
+    spot: bool = False
+    spot_max_price: str | None = None
+    user_data: str | None = None
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """A platform served by VMs launched on demand (``$defs/dynamic``)."""
+
+    platform: str
+    provider: str
+    secret: str
+    max_instances: int
+    ssh_user: str = "ec2-user"
+    max_instances_per_namespace: int | None = None
+    min_idle: int = 0
+    max_age_seconds: int = 86400
+    max_builds_per_vm: int = 1
+    boot_timeout_seconds: int = 600
+    launch_attempts: int = 3
+    sudo_commands: tuple[str, ...] = ()
+    limits: tuple[tuple[str, int], ...] = ()
+    aws: AwsSettings | None = None
+
+    def vm_host(self, name: str, address: str, host_key: str) -> Host:
+        """One VM of this platform as a pool host, so the static hosts' SSH path serves it."""
+        return Host(name=name, address=address, user=self.ssh_user, secret=self.secret,
+                    platform=self.platform, concurrency=self.max_builds_per_vm,
+                    host_key=host_key, sudo_commands=self.sudo_commands, limits=self.limits)
+
+
+@dataclass(frozen=True)
 class Pool:
     hosts: tuple[Host, ...] = ()
     local_platforms: tuple[str, ...] = ()
     allowed_namespaces: tuple[str, ...] | None = None  # regular expressions, full match
     max_wait_seconds: int = 3600
     warnings: tuple[str, ...] = ()  # 'path: message' for what was read but is ignored
+    dynamic: tuple[Dynamic, ...] = ()
+    instance_tag: str | None = None
+    additional_instance_tags: tuple[tuple[str, str], ...] = ()
+
+    def dynamic_for(self, platform: str) -> Dynamic | None:
+        return next((d for d in self.dynamic if d.platform == platform), None)
 
     def hosts_for(self, platform: str) -> list[Host]:
         return [h for h in self.hosts if h.platform == platform]
@@ -70,7 +130,8 @@ class Pool:
 
     @property
     def platforms(self) -> list[str]:
-        return sorted({h.platform for h in self.hosts} | set(self.local_platforms))
+        return sorted({h.platform for h in self.hosts} | set(self.local_platforms)
+                      | {d.platform for d in self.dynamic})
 
     def namespace_allowed(self, namespace: str) -> bool:
         """Whether some allowedNamespaces entry, a regular expression, matches all of
@@ -131,7 +192,58 @@ def validate(doc: Any) -> list[str]:
     for i, h in enumerate(doc.get("hosts", [])):
         if h["platform"] in local:
             errors.append(f"$.hosts[{i}].platform: {h['platform']!r} is also a local platform")
+    return errors + _dynamic_errors(doc, local)
+
+
+def _dynamic_errors(doc: dict, local: set[str]) -> list[str]:
+    """Consistency of the dynamic platforms (the schema checked each entry)."""
+    errors: list[str] = []
+    static = {h["platform"] for h in doc.get("hosts", [])}
+    seen: dict[str, int] = {}
+    entries = doc.get("dynamic", [])
+    if entries and "instanceTag" not in doc:
+        errors.append("$.instanceTag: required when the pool has dynamic platforms (a value "
+                      "unique to this installation in the cloud account: the sweep terminates "
+                      "every VM carrying it that no record accounts for)")
+    for i, d in enumerate(entries):
+        p = d["platform"]
+        if p in seen:
+            errors.append(f"$.dynamic[{i}].platform: duplicate dynamic platform {p!r} "
+                          f"(also $.dynamic[{seen[p]}])")
+        seen.setdefault(p, i)
+        if p in local:
+            errors.append(f"$.dynamic[{i}].platform: {p!r} is also a local platform")
+        if p in static:
+            errors.append(f"$.dynamic[{i}].platform: {p!r} also has static hosts")
+        if d.get("minIdle", 0) > d["maxInstances"]:
+            errors.append(f"$.dynamic[{i}].minIdle: {d['minIdle']} is more than maxInstances "
+                          f"({d['maxInstances']})")
     return errors
+
+
+def _aws(a: dict) -> AwsSettings:
+    return AwsSettings(
+        region=a["region"], ami=a["ami"], instance_type=a["instanceType"], key_name=a["keyName"],
+        credentials_secret=a["credentialsSecret"], endpoint=a.get("endpoint"),
+        subnet=a.get("subnet"), security_group_id=a.get("securityGroupId"),
+        security_group=a.get("securityGroup"), instance_profile=a.get("instanceProfile"),
+        disk_gib=a.get("diskGiB", 40), iops=a.get("iops"), throughput=a.get("throughput"),
+        spot=a.get("spot", False) or "spotMaxPrice" in a, spot_max_price=a.get("spotMaxPrice"),
+        user_data=a.get("userData"))
+
+
+def _dynamic(d: dict) -> Dynamic:
+    return Dynamic(
+        platform=d["platform"], provider=d["provider"], secret=d["secret"],
+        max_instances=d["maxInstances"], ssh_user=d.get("sshUser", "ec2-user"),
+        max_instances_per_namespace=d.get("maxInstancesPerNamespace"),
+        min_idle=d.get("minIdle", 0), max_age_seconds=d.get("maxAgeSeconds", 86400),
+        max_builds_per_vm=d.get("maxBuildsPerVM", 1),
+        boot_timeout_seconds=d.get("bootTimeoutSeconds", 600),
+        launch_attempts=d.get("launchAttempts", 3),
+        sudo_commands=tuple(d.get("sudoCommands", ())),
+        limits=tuple(sorted(d.get("limits", {}).items())),
+        aws=_aws(d["aws"]) if "aws" in d else None)
 
 
 def from_document(doc: Any) -> Pool:
@@ -146,7 +258,10 @@ def from_document(doc: Any) -> Pool:
     allowed = doc.get("allowedNamespaces")
     return Pool(hosts=hosts, local_platforms=tuple(doc.get("localPlatforms", ())),
                 allowed_namespaces=tuple(allowed) if allowed is not None else None,
-                max_wait_seconds=doc.get("maxWaitSeconds", 3600))
+                max_wait_seconds=doc.get("maxWaitSeconds", 3600),
+                dynamic=tuple(_dynamic(d) for d in doc.get("dynamic", ())),
+                instance_tag=doc.get("instanceTag"),
+                additional_instance_tags=tuple(sorted(doc.get("additionalInstanceTags", {}).items())))
 
 
 def parse_yaml(text: str) -> Pool:
@@ -160,11 +275,25 @@ def parse_yaml(text: str) -> Pool:
 _KONFLUX_FIELDS = {"address": "address", "user": "user", "platform": "platform",
                    "secret": "secret", "concurrency": "concurrency", "host-key": "hostKey",
                    "port": "port", "sudo-commands": "sudoCommands"}
-# Keys that only matter for dynamic (cloud) hosts, which mpc does not have yet.
-_KONFLUX_DYNAMIC_LISTS = ("dynamic-platforms", "dynamic-pool-platforms",
-                          "additional-instance-tags")
-_KONFLUX_DYNAMIC_GLOBALS = ("instance-tag",)
-_DYNAMIC = "ignored until dynamic hosts exist"
+# Konflux's global keys of dynamic (cloud) hosts, converted by _konflux_dynamic.
+_KONFLUX_DYNAMIC_GLOBALS = ("dynamic-platforms", "dynamic-pool-platforms", "instance-tag",
+                            "additional-instance-tags")
+# dynamic.<platform>.<key>: (where it goes: "field" of the entry or "aws.field", kind)
+_KONFLUX_DYNAMIC_FIELDS = {
+    "type": ("provider", "str"), "ssh-secret": ("secret", "str"),
+    "max-instances": ("maxInstances", "int"), "sudo-commands": ("sudoCommands", "list"),
+    "allocation-timeout": ("bootTimeoutSeconds", "int"), "concurrency": ("maxBuildsPerVM", "int"),
+    "max-age": ("maxAgeSeconds", "minutes"),
+    "region": ("aws.region", "str"), "ami": ("aws.ami", "str"),
+    "instance-type": ("aws.instanceType", "str"), "key-name": ("aws.keyName", "str"),
+    "aws-secret": ("aws.credentialsSecret", "str"), "security-group": ("aws.securityGroup", "str"),
+    "security-group-id": ("aws.securityGroupId", "str"), "subnet-id": ("aws.subnet", "str"),
+    "spot-price": ("aws.spotMaxPrice", "str"), "instance-profile-name": ("aws.instanceProfile", "str"),
+    "instance-profile-arn": ("aws.instanceProfile", "str"), "disk": ("aws.diskGiB", "int"),
+    "iops": ("aws.iops", "int"), "throughput": ("aws.throughput", "int"),
+    "user-data": ("aws.userData", "raw"),
+}
+_KONFLUX_PROVIDERS = {"aws": "aws"}
 # A backslash that ends a line (or the value): Konflux's line continuation.
 _CONTINUATION = re.compile(r"\\(?=\s|$)")
 
@@ -183,7 +312,7 @@ def konflux_to_document(data: Mapping[str, str]) -> tuple[dict, list[str], list[
     errors and warnings (keys that are read but ignored)."""
     errors: list[str] = []
     warnings: list[str] = []
-    dynamic: dict[str, list[str]] = {}
+    dynamic: dict[str, str] = {}
     hosts: dict[str, dict] = {}
     doc: dict[str, Any] = {"hosts": []}
     for key in sorted(data):
@@ -192,13 +321,8 @@ def konflux_to_document(data: Mapping[str, str]) -> tuple[dict, list[str], list[
             doc["localPlatforms"] = _konflux_list(value)
         elif key == "allowed-namespaces":
             doc["allowedNamespaces"] = _konflux_list(value)
-        elif key in _KONFLUX_DYNAMIC_LISTS:
-            warnings.append(f"$.{key}: {_DYNAMIC}: {', '.join(_konflux_list(value))}")
-        elif key in _KONFLUX_DYNAMIC_GLOBALS:
-            warnings.append(f"$.{key}: {_DYNAMIC}: {_konflux_value(value)}")
-        elif key.startswith("dynamic."):
-            platform, _, fld = key[len("dynamic."):].rpartition(".")
-            dynamic.setdefault(f"dynamic.{platform}" if platform else "dynamic", []).append(fld)
+        elif key in _KONFLUX_DYNAMIC_GLOBALS or key.startswith("dynamic."):
+            dynamic[key] = value
         elif key.startswith("host."):
             name, _, fld = key[len("host."):].rpartition(".")
             if not name or fld not in _KONFLUX_FIELDS:
@@ -217,10 +341,9 @@ def konflux_to_document(data: Mapping[str, str]) -> tuple[dict, list[str], list[
                 h[_KONFLUX_FIELDS[fld]] = _konflux_value(value)
         else:
             errors.append(f"$.{key}: unknown key")
-    for prefix, fields in dynamic.items():
-        warnings.append(f"$.{prefix}.*: {_DYNAMIC}: {len(fields)} "
-                        f"key{'s' if len(fields) != 1 else ''} ({', '.join(sorted(fields))})")
     doc["hosts"] = [hosts[n] for n in sorted(hosts)]
+    if dynamic:
+        doc.update(_konflux_dynamic(dynamic, errors, warnings))
     return doc, errors, warnings
 
 
@@ -233,7 +356,100 @@ def from_configmap_data(name: str, data: Mapping[str, str] | None) -> Pool:
         raise PoolError([f"$: ConfigMap {name} has no data (expected key {contract.POOL_KEY} "
                          "or Konflux host.<name>.* keys)"])
     doc, errors, warnings = konflux_to_document(data)
-    errors += validate(doc)
+    errors += konflux_paths(validate(doc), doc)
     if errors:
         raise PoolError(errors)
     return dataclasses.replace(from_document(doc), warnings=tuple(warnings))
+
+
+def _konflux_dynamic(data: Mapping[str, str], errors: list[str], warnings: list[str]) -> dict:
+    """Konflux's dynamic keys as the pool document's ``instanceTag``,
+    ``additionalInstanceTags`` and ``dynamic`` entries (errors and warnings appended)."""
+    doc: dict[str, Any] = {}
+    pooled = _konflux_list(data.get("dynamic-pool-platforms", ""))
+    listed = list(dict.fromkeys(_konflux_list(data.get("dynamic-platforms", "")) + pooled))
+    if "instance-tag" in data:
+        doc["instanceTag"] = _konflux_value(data["instance-tag"])
+    if "additional-instance-tags" in data:
+        tags = {}
+        for item in _konflux_list(data["additional-instance-tags"]):
+            k, eq, v = item.partition("=")
+            if not eq or not k.strip():
+                errors.append(f"$.additional-instance-tags: {item!r} is not key=value")
+            tags[k.strip()] = v.strip()
+        doc["additionalInstanceTags"] = tags
+    by_key = {p.replace("/", "-"): p for p in listed}
+    entries: dict[str, dict] = {p: {"platform": p} for p in listed}
+    skipped: set[str] = set()
+    for key in sorted(k for k in data if k.startswith("dynamic.")):
+        plat, _, fld = key[len("dynamic."):].rpartition(".")
+        if plat not in by_key:
+            warnings.append(f"$.{key}: ignored: {plat or '(none)'} is not listed in "
+                            "dynamic-platforms or dynamic-pool-platforms")
+            continue
+        if fld == "instance-tag":
+            warnings.append(f"$.{key}: ignored: mpc tags every VM with the pool's instance-tag "
+                            "and its platform")
+            continue
+        if fld not in _KONFLUX_DYNAMIC_FIELDS:
+            warnings.append(f"$.{key}: ignored: mpc has no use for dynamic key {fld!r}")
+            continue
+        target, kind = _KONFLUX_DYNAMIC_FIELDS[fld]
+        raw = data[key]
+        if kind == "raw":
+            value: Any = str(raw)
+        elif kind == "list":
+            value = _konflux_list(raw)
+        elif kind in ("int", "minutes"):
+            try:
+                value = int(_konflux_value(raw)) * (60 if kind == "minutes" else 1)
+            except ValueError:
+                errors.append(f"$.{key}: {raw!r} is not an integer")
+                continue
+        else:
+            value = _konflux_value(raw)
+        if fld == "type":
+            if value not in _KONFLUX_PROVIDERS:
+                warnings.append(f"$.{key}: provider {value!r} is not supported yet (supported: "
+                                f"{', '.join(_KONFLUX_PROVIDERS)}); {by_key[plat]} is not served")
+                skipped.add(by_key[plat])
+                continue
+            value = _KONFLUX_PROVIDERS[value]
+        entry = entries[by_key[plat]]
+        if target.startswith("aws."):
+            entry.setdefault("aws", {})[target[4:]] = value
+        else:
+            entry[target] = value
+    for p in pooled:
+        entries[p].setdefault("maxBuildsPerVM", 1)
+    doc["dynamic"] = [entries[p] for p in listed if p not in skipped]
+    return doc
+
+
+_DOC_PATH = re.compile(r"^\$\.dynamic\[(\d+)\](\.aws)?(?:\.([A-Za-z]+))?: (.*)$")
+_REQUIRED = re.compile(r"^'([A-Za-z]+)' is a required property$")
+
+
+def konflux_paths(errors: list[str], doc: dict) -> list[str]:
+    """Errors of a converted Konflux pool with the flat keys' paths for dynamic entries
+    (``$.dynamic.linux-arm64.ami``, not ``$.dynamic[0].aws.ami``)."""
+    back: dict[str, str] = {}
+    for k, (target, _) in _KONFLUX_DYNAMIC_FIELDS.items():
+        back.setdefault(target, k)
+    out = []
+    for e in errors:
+        m = _DOC_PATH.match(e)
+        entries = doc.get("dynamic") or []
+        if not m or int(m.group(1)) >= len(entries):
+            out.append(e)
+            continue
+        plat = entries[int(m.group(1))]["platform"].replace("/", "-")
+        field, msg = m.group(3), m.group(4)
+        req = _REQUIRED.match(msg)
+        if req and not field:
+            field, msg = req.group(1), "required but not set"
+        target = ("aws." if m.group(2) else "") + (field or "")
+        key = back.get(target)
+        out.append(f"$.dynamic.{plat}.{key}: {msg}" if key else
+                   f"$.dynamic.{plat} ({target or 'entry'}): {msg}")
+    return out

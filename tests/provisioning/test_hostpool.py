@@ -59,11 +59,10 @@ def test_konflux_flat_keys_convert():
     assert pool.local_platforms == ("linux/x86_64", "linux/amd64")
     assert pool.allowed_namespaces == ("a", "b")
     with pytest.raises(hostpool.PoolError) as e:
-        hostpool.from_configmap_data("host-config", {"host.arm1.concurrency": "four",
-                                                     "dynamic-platforms": "linux/arm64"})
+        hostpool.from_configmap_data("host-config", {"host.arm1.concurrency": "four"})
     text = str(e.value)
     assert "host.arm1.concurrency: 'four' is not an integer" in text
-    assert "dynamic" not in text     # ignored with a warning, never an error
+    assert "dynamic" not in text     # a listed platform with no keys yet is not an error here
 
 
 def test_validate_cli(tmp_path: Path):
@@ -90,7 +89,6 @@ def test_validate_cli(tmp_path: Path):
 # --- existing Konflux pools migrate as they are (issue 12) ---------------------------
 
 KONFLUX_CM = Path(__file__).with_name("konflux-host-config.yaml")
-DYNAMIC = "ignored until dynamic hosts exist"
 
 
 def _host(name: str, platform: str, **extra) -> dict:
@@ -104,7 +102,8 @@ def test_konflux_production_configmap_parses():
         "host-config", yaml.safe_load(KONFLUX_CM.read_text())["data"])
     assert pool.local_platforms == ("linux/x86_64", "local", "localhost")
     assert pool.allowed_namespaces == ("default", "system-.*", "mintmaker", ".*-tenant")
-    assert pool.platforms == ["linux-m2xlarge/arm64", "linux-root/amd64", "linux/ppc64le",
+    assert pool.platforms == ["linux-c6gd2xlarge/arm64", "linux-m2xlarge/arm64",
+                              "linux-root/amd64", "linux/amd64", "linux/arm64", "linux/ppc64le",
                               "linux/s390x", "linux/x86_64", "local", "localhost"]
     assert [h.name for h in pool.hosts_for("linux/s390x")] == ["s390x-static-1",
                                                                "s390x-static-2"]
@@ -119,16 +118,31 @@ def test_konflux_production_configmap_parses():
     for ns in ("kube-system-x", "my-default", "defaults", "mintmaker2", "tenant",
                "team-tenant-2", "system"):
         assert not pool.namespace_allowed(ns), ns
-    # every dynamic-only key is a warning, none an error
-    w = "\n".join(pool.warnings)
-    for key in ("$.dynamic-platforms", "$.dynamic-pool-platforms", "$.instance-tag",
-                "$.additional-instance-tags", "$.dynamic.linux-arm64.*",
-                "$.dynamic.linux-c6gd2xlarge-arm64.*"):
-        assert f"{key}: {DYNAMIC}" in w, w
-    assert len(pool.warnings) == 6
-    assert ("$.dynamic-platforms: ignored until dynamic hosts exist: linux/arm64, linux/amd64, "
-            "linux-m2xlarge/arm64, linux-c6gd2xlarge/arm64") in pool.warnings
-    assert "11 keys (ami, aws-secret, instance-tag" in w
+    # dynamic EC2 platforms are served (issue 15); IBM ones and unused keys are warnings
+    assert [d.platform for d in pool.dynamic] == ["linux/arm64", "linux/amd64",
+                                                  "linux-c6gd2xlarge/arm64"]
+    assert pool.instance_tag == "prod-example"
+    assert dict(pool.additional_instance_tags) == {"service-phase": "production",
+                                                   "cost-center": "000"}
+    arm = pool.dynamic_for("linux/arm64")
+    assert (arm.provider, arm.secret, arm.max_instances, arm.ssh_user) == (
+        "aws", "aws-ssh-key", 250, "ec2-user")
+    assert (arm.aws.region, arm.aws.ami, arm.aws.instance_type, arm.aws.key_name,
+            arm.aws.credentials_secret, arm.aws.security_group_id, arm.aws.subnet) == (
+        "us-east-1", "ami-0123456789abcdef0", "m6g.large", "example-prod-key", "aws-account",
+        "sg-0123456789abcdef0", "subnet-0123456789abcdef0")
+    amd = pool.dynamic_for("linux/amd64")
+    assert (amd.aws.spot, amd.aws.spot_max_price, amd.aws.disk_gib,
+            amd.boot_timeout_seconds) == (True, "0.25", 200, 1200)
+    assert amd.aws.user_data.startswith("#!/bin/bash\nmount")
+    assert pool.dynamic_for("linux-c6gd2xlarge/arm64").sudo_commands == ("/usr/bin/podman",)
+    assert pool.warnings == (
+        "$.dynamic.linux-arm64.instance-tag: ignored: mpc tags every VM with the pool's "
+        "instance-tag and its platform",
+        "$.dynamic.linux-large-ppc64le.type: provider 'ibmp' is not supported yet (supported: "
+        "aws); linux-large/ppc64le is not served",
+        "$.dynamic.linux-large-s390x.type: provider 'ibmz' is not supported yet (supported: "
+        "aws); linux-large/s390x is not served")
 
 
 @pytest.mark.parametrize("value", [
@@ -151,27 +165,28 @@ def test_konflux_scalars_with_continuations():
     assert (h.address, h.concurrency) == ("10.0.0.9", 3)
 
 
-def test_konflux_pool_with_only_dynamic_hosts_parses_with_warnings():
-    pool = hostpool.from_configmap_data("cm", {
-        "dynamic-platforms": "linux/arm64", "dynamic.linux-arm64.type": "aws",
-        "instance-tag": "dev"})
-    assert pool.hosts == () and pool.platforms == []
-    assert pool.warnings == (
-        "$.dynamic-platforms: ignored until dynamic hosts exist: linux/arm64",
-        "$.instance-tag: ignored until dynamic hosts exist: dev",
-        "$.dynamic.linux-arm64.*: ignored until dynamic hosts exist: 1 key (type)")
+def test_konflux_incomplete_dynamic_platform_names_its_flat_keys():
+    with pytest.raises(hostpool.PoolError) as e:
+        hostpool.from_configmap_data("cm", {
+            "dynamic-platforms": "linux/arm64", "dynamic.linux-arm64.type": "aws",
+            "dynamic.linux-arm64.max-instances": "0", "dynamic.linux-arm64.region": "us-east-1"})
+    assert set(e.value.errors) == {
+        "$.dynamic.linux-arm64.ssh-secret: required but not set",
+        "$.dynamic.linux-arm64.max-instances: 0 is less than the minimum of 1",
+        "$.dynamic.linux-arm64.ami: required but not set",
+        "$.dynamic.linux-arm64.instance-type: required but not set",
+        "$.dynamic.linux-arm64.key-name: required but not set",
+        "$.dynamic.linux-arm64.aws-secret: required but not set"}, e.value.errors
 
 
 def test_konflux_real_errors_still_fail_all_at_once():
     data = {**_host("a", "arm64"), **_host("b", "local"),
             "local-platforms": "linux/x86_64, localhost, x86_64, linux/",
             "allowed-namespaces": "default,team-(,[a-,.*-tenant",
-            "dynamic-platforms": "linux/arm64", "dynamic.linux-arm64.type": "aws",
             "hosts.typo": "x"}
     with pytest.raises(hostpool.PoolError) as e:
         hostpool.from_configmap_data("cm", data)
     errors = e.value.errors
-    assert not any(DYNAMIC in m or "dynamic" in m for m in errors), errors
     by_path = {m.split(": ", 1)[0]: m.split(": ", 1)[1] for m in errors}
     assert set(by_path) == {"$.hosts.typo", "$.hosts[0].platform", "$.hosts[1].platform",
                             "$.localPlatforms[2]", "$.localPlatforms[3]",
@@ -185,6 +200,37 @@ def test_konflux_real_errors_still_fail_all_at_once():
         "<os>-<flavour>/<arch> (linux-m2xlarge/arm64), local or localhost")
     assert by_path["$.hosts[0].platform"].startswith("'arm64' is not a build host platform")
     assert "local and localhost can only be local platforms" in by_path["$.hosts[1].platform"]
+
+
+def test_dynamic_pool_consistency_errors_have_paths():
+    aws = {"region": "eu-west-1", "ami": "ami-0123456789abcdef0", "instanceType": "m6g.large",
+           "keyName": "k", "credentialsSecret": "aws"}
+    base = {"platform": "linux/arm64", "provider": "aws", "secret": "ssh", "maxInstances": 2,
+            "aws": aws}
+    doc = {"hosts": [{"name": "a", "address": "10.0.0.1", "user": "root", "secret": "s",
+                      "platform": "linux/s390x", "concurrency": 1}],
+           "localPlatforms": ["linux/amd64"],
+           "dynamic": [base | {"minIdle": 3}, base, base | {"platform": "linux/s390x"},
+                       base | {"platform": "linux/amd64"},
+                       base | {"platform": "linux/ppc64le", "provider": "gcp", "aws": None}]}
+    errors = hostpool.validate(doc)
+    assert errors == ["$.dynamic[4].aws: None is not of type 'object'",
+                      "$.dynamic[4].provider: 'gcp' is not one of ['aws']"], errors
+    doc["dynamic"].pop()
+    assert hostpool.validate(doc) == [
+        "$.instanceTag: required when the pool has dynamic platforms (a value unique to this "
+        "installation in the cloud account: the sweep terminates every VM carrying it that no "
+        "record accounts for)",
+        "$.dynamic[0].minIdle: 3 is more than maxInstances (2)",
+        "$.dynamic[1].platform: duplicate dynamic platform 'linux/arm64' (also $.dynamic[0])",
+        "$.dynamic[2].platform: 'linux/s390x' also has static hosts",
+        "$.dynamic[3].platform: 'linux/amd64' is also a local platform"]
+    doc["instanceTag"] = "prod"
+    doc["dynamic"] = [base | {"aws": aws | {"endpoint": "http://10.0.0.1:5000"}}]
+    assert hostpool.validate(doc)[0].startswith("$.dynamic[0].aws.endpoint: ")
+    doc["dynamic"] = [base | {"maxBuildsPerVM": 4, "maxAgeSeconds": 3600}]
+    (d,) = hostpool.from_document(doc).dynamic
+    assert (d.max_builds_per_vm, d.max_age_seconds, d.min_idle, d.aws.disk_gib) == (4, 3600, 0, 40)
 
 
 def test_native_pool_has_the_same_semantics():
@@ -224,13 +270,12 @@ def test_validate_cli_on_a_konflux_production_configmap():
     r = cli("hostpool", "validate", str(KONFLUX_CM))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == (
-        f"{KONFLUX_CM}: valid: 5 hosts, 19 slots, platforms: linux-m2xlarge/arm64, "
-        "linux-root/amd64, linux/ppc64le, linux/s390x, linux/x86_64, local, localhost")
+        f"{KONFLUX_CM}: valid: 5 hosts, 19 slots, 3 dynamic platforms (up to 390 VMs), "
+        "platforms: linux-c6gd2xlarge/arm64, linux-m2xlarge/arm64, linux-root/amd64, "
+        "linux/amd64, linux/arm64, linux/ppc64le, linux/s390x, linux/x86_64, local, localhost")
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 6, r.stderr
-    assert all(ln.startswith(f"{KONFLUX_CM}: warning: $.") and DYNAMIC in ln
-               for ln in lines), r.stderr
-    assert any("$.dynamic.linux-arm64.*" in ln for ln in lines)
+    assert len(lines) == 3, r.stderr
+    assert all(ln.startswith(f"{KONFLUX_CM}: warning: $.dynamic.") for ln in lines), r.stderr
 
 
 def test_validate_cli_reports_konflux_errors_with_paths(tmp_path: Path):
