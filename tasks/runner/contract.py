@@ -167,3 +167,43 @@ def taskrun_ref_problem(namespace: str, name: str, uid: str) -> str | None:
     if not _UID.match(uid):
         return f"invalid TaskRun uid {uid!r}"
     return None
+
+
+# --- dynamic (cloud) hosts: VM records, quotas and cloud tags (issue 15) ----------
+ROLE_VM = "vm"                                  # a VM record: one Lease per VM, its quota slot
+ROLE_VM_BUILD = "vm-build"                      # a build on a VM (one of maxBuildsPerVM)
+ROLE_VM_NAMESPACE = "vm-namespace"              # a namespace's share of maxInstancesPerNamespace
+LABEL_VM_STATE = f"{DOMAIN}/vm-state"           # launching | booting | ready | terminating
+LABEL_VM = f"{DOMAIN}/vm"                       # the VM record a vm-build Lease belongs to
+ANN_INSTANCE_ID = f"{DOMAIN}/instance-id"
+ANN_PROVIDER = f"{DOMAIN}/provider"
+ANN_LAUNCHED_AT = f"{DOMAIN}/launched-at"
+ANN_READY_AT = f"{DOMAIN}/ready-at"
+ANN_BUILDS_SERVED = f"{DOMAIN}/builds-served"
+# tags on every VM mpc launches: the sweep trusts only these
+TAG_MANAGED = f"{DOMAIN}/managed-by"            # value MANAGED_VALUE
+TAG_INSTANCE = f"{DOMAIN}/instance-tag"         # the pool's instanceTag (this installation)
+TAG_RECORD = f"{DOMAIN}/record"                 # namespace/name of the VM record
+TAG_RECORD_UID = f"{DOMAIN}/record-uid"         # uid of that record (a re-created one differs)
+TAG_PLATFORM = f"{DOMAIN}/platform"
+
+
+def vm_record_name(platform: str, index: int) -> str:
+    """The Lease that is VM ``index`` (< maxInstances) of ``platform``: creating it is taking
+    one of the platform's instances from its quota, before anything is launched."""
+    return f"mpc-vm-{_short(platform, length=12)}-{index}"
+
+
+def vm_build_name(record: str, index: int) -> str:
+    """The Lease that is build place ``index`` (< maxBuildsPerVM) on the VM ``record``."""
+    return f"{record}-b{index}"
+
+
+def vm_namespace_name(platform: str, namespace: str, index: int) -> str:
+    """The Lease that is place ``index`` of ``namespace`` in maxInstancesPerNamespace."""
+    return f"mpc-vmns-{_short(platform, namespace, length=16)}-{index}"
+
+
+def vm_client_token(record_uid: str) -> str:
+    """The idempotency token of the one launch a VM record stands for (<= 64 chars)."""
+    return f"mpc-{record_uid}"
