@@ -112,6 +112,9 @@ def deprovision(kube: Kube, controller_namespace: str, namespace: str, name: str
     if held:
         release_slots(kube, controller_namespace, _pool(kube, controller_namespace, pool_configmap),
                       slots, held, report)
+    from . import dynamic   # places on cloud VMs (issue 15)
+    report.errors += dynamic.deprovision(
+        kube, controller_namespace, uid, lambda: _pool(kube, controller_namespace, pool_configmap))
     report.secret_deleted = buildsecret.delete(kube, namespace, name, uid)
     log.event("deprovisioned" if not report.errors else "deprovisioning incomplete",
               level="info" if not report.errors else "warning", namespace=namespace, name=name,
@@ -171,6 +174,10 @@ def sweep(kube: Kube, controller_namespace: str,
     # 4. queue entries nobody renews
     for w in slots.stale_waiters():
         slots.dequeue(w.metadata.labels.get(contract.LABEL_TASKRUN_UID, ""))
+    # dynamic hosts: orphaned VMs, records, places of done builds, warm pools (issue 15)
+    if pool is not None and pool.dynamic:
+        from . import dynamic
+        report.errors += dynamic.sweep(kube, controller_namespace, pool, build_state).errors
     log.event("sweep done", users=report.removed_users, slots=report.released_slots,
               errors=report.errors)
     return report

@@ -147,6 +147,10 @@ def provision(kube: Kube, req: Request, poll: float = 0.5) -> Outcome:
         buildsecret.write(kube, taskrun, {contract.KEY_HOST: contract.LOCALHOST})
         log.event("local platform: secret written", platform=req.platform, **ids)
         return Outcome("local", host="localhost")
+    dyn = pool.dynamic_for(req.platform)
+    if dyn is not None:     # cloud VMs launched on demand (issue 15)
+        from . import dynamic
+        return dynamic.provision(kube, req, pool, dyn, taskrun, poll)
     hosts = pool.hosts_for(req.platform)
     if not hosts:
         return _fail(kube, taskrun, f"no host configured for platform {req.platform}; configured "
