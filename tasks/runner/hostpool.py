@@ -15,6 +15,11 @@ come from the same document; Konflux's ``dynamic-platforms``,
 ``dynamic.<platform with - for />.<key>`` keys map to them
 (``_KONFLUX_DYNAMIC_FIELDS``); Konflux keys mpc has no use for are ignored
 with a warning.
+
+A host with ``drain: true`` gets no new builds; the ones it runs finish and
+release their slots normally. Konflux's flat keys have no equivalent (a
+Konflux pool drains a host by removing it, which mpc handles too: see
+``slots``), so there is no ``host.<name>.drain`` key.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ class Host:
     host_key: str | None = None
     sudo_commands: tuple[str, ...] = ()
     limits: tuple[tuple[str, int], ...] = ()
+    drain: bool = False     # no new builds; running ones finish and release normally
 
     @property
     def known_hosts_line(self) -> str | None:
@@ -254,7 +260,8 @@ def from_document(doc: Any) -> Pool:
         name=h["name"], address=h["address"], user=h["user"], secret=h["secret"],
         platform=h["platform"], concurrency=h["concurrency"], port=h.get("port", 22),
         host_key=h.get("hostKey"), sudo_commands=tuple(h.get("sudoCommands", ())),
-        limits=tuple(sorted(h.get("limits", {}).items()))) for h in doc["hosts"])
+        limits=tuple(sorted(h.get("limits", {}).items())),
+        drain=h.get("drain", False)) for h in doc["hosts"])
     allowed = doc.get("allowedNamespaces")
     return Pool(hosts=hosts, local_platforms=tuple(doc.get("localPlatforms", ())),
                 allowed_namespaces=tuple(allowed) if allowed is not None else None,
