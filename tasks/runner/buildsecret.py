@@ -111,7 +111,15 @@ def write(kube: Kube, taskrun: dict, data: dict[str, str | bytes], overwrite: bo
         if labels.get(contract.LABEL_TASKRUN_UID) == m["uid"] and not overwrite:
             return False
         body.metadata.resource_version = cur.metadata.resource_version
-        kube.core.replace_namespaced_secret(body.metadata.name, m["namespace"], body)
+        try:
+            kube.core.replace_namespaced_secret(body.metadata.name, m["namespace"], body)
+        except client.ApiException as e:
+            # changed since we read it (or our own replace, retried after a lost answer):
+            # read it again
+            if e.status != 409:
+                raise
+            body.metadata.resource_version = None
+            continue
         return True
     raise RuntimeError(f"secret {m['namespace']}/{body.metadata.name} keeps appearing and "
                        "vanishing; not written")

@@ -41,6 +41,12 @@ ANN_PORT = f"{DOMAIN}/port"
 ANN_HOST_KEY = f"{DOMAIN}/host-key"             # 'ssh-ed25519 AAAA...' recorded on first use
 ANN_FINGERPRINT = f"{DOMAIN}/fingerprint"       # SHA256:... of ANN_HOST_KEY
 ROLE_HOST_KEY = "host-key"                      # LABEL_ROLE of a host key recorded on first use
+# on a slot Lease: how to reach its host even after the host left the pool
+ANN_ADMIN_USER = f"{DOMAIN}/admin-user"
+ANN_ADMIN_SECRET = f"{DOMAIN}/admin-secret"     # Secret (controller namespace) with the admin key
+ANN_UNREACHABLE_SINCE = f"{DOMAIN}/unreachable-since"   # first failed release of a removed host
+# on a waiter Lease: hosts of its platform the build cannot use (they failed for it)
+ANN_EXCLUDED_HOSTS = f"{DOMAIN}/excluded-hosts"
 
 # --- on build hosts ----------------------------------------------------------------
 # buildah-remote labels the containers it runs with the build user (value: the user
