@@ -6,22 +6,27 @@ the slot, drop a queue entry, delete the build's secret. Safe to repeat.
 
 ``sweep``: slots whose build is done (``contract.build_done``: finished
 with Succeeded True or False, deleted, being deleted, or replaced by a
-namesake), waiter entries nobody renews, and ``u-*`` users on hosts that no
-slot accounts for. Users are listed *before* slots, so a build being
-provisioned right now (slot first, then user) is never mistaken for an
-orphan.
+namesake), waiter entries of builds that are done, and ``u-*`` users on
+pool hosts that no slot accounts for (by user name: a build's user is unique
+to it, so a renamed host's users are never taken for strays). Users are
+listed *before* slots, so a build being provisioned right now (slot first,
+then user) is never mistaken for an orphan. Waiters whose provisioner died
+while its build lives are removed by the live waiters that observe them
+(``slots``: judged on the observer's own clock), not here: a one-shot sweep
+cannot observe for a lease duration.
 
 A finished TaskRun that still exists is done: clusters keep them for days,
 and the watcher drops its finalizer as soon as the deprovisioning run exists,
 so when that run fails (its host was down) only the sweep frees the slot. It
 keeps a slot whose host cannot be reached and tries again on its next run,
 so a finished build's slot is free at most one sweep interval (the watcher's
-``--sweep-interval``) after its host is back.
+``--sweep-interval``) after its host is back. A host removed from the pool is
+reached as the slot recorded it; one that stays unreachable has its slots
+released after ``release.REMOVED_HOST_GRACE_SECONDS`` (see ``release``).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from kubernetes import client
 
@@ -29,25 +34,17 @@ from . import buildsecret, contract, hostkeys, log
 from .hostpool import Pool, PoolError
 from .kube import Kube
 from .poolsource import load_pool
-from .provision import build_state, remove_users
+from .provision import build_state
+from .release import REMOVED_HOST_GRACE_SECONDS, Report, release_slots, remove_users
 from .remote import HostError, script
 from .slots import Slots
-
-
-@dataclass
-class Report:
-    removed_users: list[str] = field(default_factory=list)
-    released_slots: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    secret_deleted: bool = False
-    round_trips: int = 0
 
 
 def _pool(kube: Kube, namespace: str, name: str) -> Pool | None:
     try:
         return load_pool(kube, namespace, name)
     except PoolError as e:
-        log.event("host pool unreadable; slots on unknown hosts are kept", level="warning",
+        log.event("host pool unreadable; using the hosts the slots recorded", level="warning",
                   error=str(e))
         return None
 
@@ -71,28 +68,6 @@ def wait_for_provisioning(kube: Kube, namespace: str, uid: str, timeout: float) 
                       uid=uid, pipelinerun=name)
             return
         time.sleep(1)
-
-
-def release_slots(kube: Kube, namespace: str, pool: Pool | None, slots: Slots,
-                  held: list, report: Report) -> None:
-    by_host: dict[str, list] = {}
-    for s in held:
-        by_host.setdefault(s.host, []).append(s)
-    for host_name, hs in by_host.items():
-        host = pool.host(host_name) if pool else None
-        if host is None:
-            report.errors.append(f"{host_name}: host not in the pool; slot kept")
-            continue
-        users = sorted({s.holder.user for s in hs})
-        try:
-            report.round_trips += remove_users(kube, namespace, host, users)
-        except HostError as e:
-            report.errors.append(str(e))
-            continue
-        report.removed_users += users
-        for s in hs:
-            slots.release(s)
-            report.released_slots.append(s.lease_name)
 
 
 def deprovision(kube: Kube, controller_namespace: str, namespace: str, name: str, uid: str,
@@ -130,7 +105,8 @@ def list_users(kube: Kube, namespace: str, host) -> list[str]:
 
 
 def sweep(kube: Kube, controller_namespace: str,
-          pool_configmap: str = contract.HOST_POOL_CONFIGMAP) -> Report:
+          pool_configmap: str = contract.HOST_POOL_CONFIGMAP,
+          removed_host_grace: float = REMOVED_HOST_GRACE_SECONDS) -> Report:
     report = Report()
     pool = _pool(kube, controller_namespace, pool_configmap)
     slots = Slots(kube, controller_namespace)
@@ -155,14 +131,15 @@ def sweep(kube: Kube, controller_namespace: str,
     done = [s for s in all_slots
             if why_done[(s.holder.namespace, s.holder.name, s.holder.uid)]]
     if done:
-        release_slots(kube, controller_namespace, pool, slots, done, report)
+        release_slots(kube, controller_namespace, pool, slots, done, report,
+                      grace=removed_host_grace)
         for h in dict.fromkeys((s.holder.namespace, s.holder.name, s.holder.uid) for s in done):
             if buildsecret.delete(kube, *h):
                 report.secret_deleted = True
     # 3. users no slot accounts for
-    accounted = {(s.host, s.holder.user) for s in all_slots if s not in done}
+    accounted = {s.holder.user for s in all_slots if s not in done}
     for host_name, users in users_on.items():
-        strays = sorted(u for u in users if (host_name, u) not in accounted
+        strays = sorted(u for u in users if u not in accounted
                         and u not in report.removed_users)
         if not strays:
             continue
@@ -171,9 +148,13 @@ def sweep(kube: Kube, controller_namespace: str,
             report.removed_users += strays
         except HostError as e:
             report.errors.append(str(e))
-    # 4. queue entries nobody renews
-    for w in slots.stale_waiters():
-        slots.dequeue(w.metadata.labels.get(contract.LABEL_TASKRUN_UID, ""))
+    # 4. queue entries of builds that are done (clock-free: never judged by a renewTime)
+    for w in slots.waiters():
+        h = (w.holder.namespace, w.holder.name, w.holder.uid)
+        why = why_done.get(h) or build_state(kube, *h)[1]
+        if why:
+            slots.delete_waiter(w.name)
+            log.event("build done; queue entry removed", why=why, uid=w.holder.uid)
     # dynamic hosts: orphaned VMs, records, places of done builds, warm pools (issue 15)
     if pool is not None and pool.dynamic:
         from . import dynamic

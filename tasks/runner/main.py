@@ -16,6 +16,7 @@ from .deprovision import deprovision, sweep
 from .hostpool import PoolError, parse_yaml
 from .kube import Kube
 from .provision import Request, live_taskrun, provision
+from .release import REMOVED_HOST_GRACE_SECONDS
 
 
 def env(name: str, default: str | None = None) -> str:
@@ -57,9 +58,15 @@ def cmd_error_secret(_: argparse.Namespace) -> int:
         return 0
     run = env("PIPELINERUN", "")
     status = env("PROVISION_STATUS", "Failed")
-    msg = (f"mpc could not provision a build host for platform {req.platform or '(unset)'}: the "
-           f"provisioning run {req.controller_namespace}/{run} ended with status {status}. "
-           "The platform team can read its logs; retry the build once the cause is fixed.")
+    if status == contract.PROVISION_STATUS_QUEUE_TIMEOUT:
+        msg = (f"no host of platform {req.platform or '(unset)'} became free within the host "
+               "pool's maxWaitSeconds: every slot stayed busy. Retry the build later or ask "
+               "the platform team for more capacity.")
+    else:
+        msg = (f"mpc could not provision a build host for platform {req.platform or '(unset)'}: "
+               f"the provisioning run {req.controller_namespace}/{run} ended with status "
+               f"{status}. The platform team can read its logs; retry the build once the "
+               "cause is fixed.")
     if buildsecret.write_error(kube, tr, msg, overwrite=False):
         log.event("error secret written", level="warning", reason=msg, name=req.taskrun_name,
                   namespace=req.taskrun_namespace, uid=req.taskrun_uid)
@@ -76,8 +83,10 @@ def cmd_deprovision(_: argparse.Namespace) -> int:
 
 
 def cmd_sweep(_: argparse.Namespace) -> int:
+    grace = env("REMOVED_HOST_GRACE_SECONDS", "")
     rep = sweep(Kube.connect(), env("CONTROLLER_NAMESPACE"),
-                pool_configmap=env("HOST_POOL", contract.HOST_POOL_CONFIGMAP))
+                pool_configmap=env("HOST_POOL", contract.HOST_POOL_CONFIGMAP),
+                removed_host_grace=float(grace) if grace else REMOVED_HOST_GRACE_SECONDS)
     result("removed-users", str(len(rep.removed_users)))
     return 1 if rep.errors else 0
 

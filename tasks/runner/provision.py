@@ -21,6 +21,7 @@ from . import buildsecret, contract, hostkeys, log
 from .hostpool import Host, Pool, PoolError
 from .kube import Kube
 from .poolsource import load_pool
+from .release import Report, release_slots, remove_users
 from .remote import HostError, parse_output, script
 from .slots import Gone, Holder, Slot, Slots
 
@@ -108,19 +109,6 @@ def create_user(kube: Kube, req: Request, host: Host, user: str, public_key: str
         return dirs[-1], s.pinned_line(), s.round_trips
 
 
-def remove_users(kube: Kube, namespace: str, host: Host, users: list[str]) -> int:
-    """Remove build users from a host (idempotent); returns SSH round trips."""
-    bad = [u for u in users if not contract.USER_RE.match(u)]
-    if bad:
-        raise ValueError(f"not mpc build users: {bad}")
-    if not users:
-        return 0
-    with hostkeys.session(kube, namespace, host) as s:
-        s.run(script("deprovision-users.sh", BUILD_USERS=" ".join(users),
-                     CONTAINER_LABEL=contract.LABEL_BUILD_USER))
-        return s.round_trips
-
-
 def provision(kube: Kube, req: Request, poll: float = 0.5) -> Outcome:
     taskrun, why = build_state(kube, req.taskrun_namespace, req.taskrun_name, req.taskrun_uid)
     if taskrun is None:
@@ -182,7 +170,7 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
         if slot is None:
             try:
                 slot = slots.acquire(
-                    candidates, holder, deadline, poll=poll,
+                    hosts, holder, deadline, poll=poll, excluded=failed,
                     alive=lambda: live_taskrun(kube, req) is not None,
                     on_wait=lambda pos: log.event("platform full: waiting for a slot",
                                                   platform=req.platform, position=pos, **ids))
@@ -256,7 +244,8 @@ def _undo(kube: Kube, req: Request, slots: Slots, slot: Slot, host: Host, user: 
 def _give_back(kube: Kube, req: Request) -> int:
     """Free the slots (and their users) a done build still holds from an earlier attempt.
 
-    What cannot be removed now (host down, pool unreadable) stays for the sweep.
+    What cannot be removed now (host down, pool unreadable) stays for the sweep;
+    a host removed from the pool is reached as its slot recorded it (``release``).
     """
     slots = Slots(kube, req.controller_namespace)
     slots.dequeue(req.taskrun_uid)
@@ -266,19 +255,15 @@ def _give_back(kube: Kube, req: Request) -> int:
     try:
         pool = load_pool(kube, req.controller_namespace, req.pool_configmap)
     except PoolError as e:
-        log.event("host pool unreadable; slots kept for the sweep", level="warning",
+        log.event("host pool unreadable; using the hosts the slots recorded", level="warning",
                   error=str(e), uid=req.taskrun_uid)
-        return 0
-    trips = 0
-    for s in held:
-        host = pool.host(s.host)
-        if host is None:
-            log.event("host not in the pool; slot kept", level="warning", host=s.host,
-                      uid=req.taskrun_uid)
-            continue
-        ok, n = _undo(kube, req, slots, s, host, s.holder.user)
-        trips += n
-        if ok:
-            log.event("build done: user removed, slot released", host=s.host, slot=s.index,
-                      user=s.holder.user, uid=req.taskrun_uid)
-    return trips
+        pool = None
+    report = Report()
+    release_slots(kube, req.controller_namespace, pool, slots, held, report)
+    if report.released_slots:
+        log.event("build done: users removed, slots released", slots=report.released_slots,
+                  users=report.removed_users, uid=req.taskrun_uid)
+    if report.errors:
+        log.event("some slots kept for the sweep", level="warning", errors=report.errors,
+                  uid=req.taskrun_uid)
+    return report.round_trips

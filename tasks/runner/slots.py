@@ -1,31 +1,59 @@
 """Atomic host slots and the FIFO queue, both as coordination.k8s.io Leases.
 
-Taking slot *i* of a host is creating the Lease ``mpc-slot-<host>-<i>``: the
-API server's create-if-absent makes it atomic (409 = taken, try the next), so
-no host ever runs more builds than its concurrency, whatever races. The slot
-records who holds it; it is the source of truth for cleanup. Utilisation is
-the count of a host's slot Leases.
+Slots. Taking slot *i* of a host (i < its concurrency) is creating the Lease
+``mpc-slot-<host>-<i>``: the API server's create-if-absent makes it atomic
+(409 = taken, try the next). A host's load is the number of its slot Leases,
+whatever their indices: after its concurrency is lowered it may still hold
+slots at or above the new limit, and it gets no new build while it holds as
+many slots as its limit. Since such leftover slots are not bounded by the
+indices, a taker re-lists the host's slots after creating one (a consistent
+read) and gives its slot back when the host then holds more than its limit:
+of racing takers the last one to create always sees the others and gives
+back, so the limit holds; racers that all gave back retry. A draining host
+(``drain: true``) gets no new slot. Utilisation is the count of a host's slot
+Leases.
 
-A build that finds its platform full queues as a waiter Lease
-``mpc-wait-<uid>``; waiters are served oldest first: the waiter at position
-*k* may take a slot only while more than *k* slots are free. Waiters renew
-their Lease; a waiter that stopped renewing is skipped (and swept).
+The slot records who holds it and how to reach its host (address, port, admin
+user, admin-key Secret, the pool's pinned key if any), so a host removed from
+the pool can still be cleaned up (``target``; see deprovision). It is the
+source of truth for cleanup.
+
+``free_slots``, ``free_per_platform`` and ``assign`` are pure (hosts + slot
+list, + waiters) so a caller with its own cache (the watcher) computes the
+same numbers.
+
+Queue. A build that finds no slot for it queues as a waiter Lease
+``mpc-wait-<uid>`` and renews it. Order is the API server's
+creationTimestamp, then the Lease name: never a pod's clock. Liveness is
+judged the way client-go's leader election judges a leader: an observer
+remembers, on its own monotonic clock, when it last saw a waiter's
+resourceVersion change and calls the waiter stale only after its
+leaseDurationSeconds passed without a change it saw itself; clock skew between
+pods can neither sweep a live waiter nor keep a dead one. An observer deletes
+a waiter it found stale (precondition: the resourceVersion it saw, so a
+renewal in between wins). A waiter records the hosts it cannot use
+(``ANN_EXCLUDED_HOSTS``: they failed for it). Whose turn it is comes from
+``assign``: free slots go to the waiters oldest first, each only to a host it
+can use, so a free host serves the oldest waiter that can use it and an
+older waiter never blocks a younger one on a host it cannot use itself.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
 from kubernetes import client
 
-from . import contract
-from .hostpool import Host
+from . import contract, log
+from .hostpool import Host, PoolError, from_document
 from .kube import Kube
 
-WAITER_STALE_SECONDS = 30
+WAITER_LEASE_SECONDS = 30
+WAITER_STALE_SECONDS = WAITER_LEASE_SECONDS
 ALIVE_CHECK_SECONDS = 3
 
 
@@ -66,35 +94,161 @@ class Holder:
                 contract.ANN_USER: self.user}
 
 
+def _holder(meta: client.V1ObjectMeta) -> Holder:
+    ann, lab = meta.annotations or {}, meta.labels or {}
+    return Holder(namespace=lab.get(contract.LABEL_TASKRUN_NAMESPACE, ""),
+                  name=ann.get(contract.ANN_TASKRUN_NAME, ""),
+                  uid=lab.get(contract.LABEL_TASKRUN_UID, ""),
+                  platform=ann.get(contract.ANN_PLATFORM, ""))
+
+
 @dataclass(frozen=True)
 class Slot:
     host: str
     index: int
     holder: Holder
     lease_name: str
+    target: Host | None = None      # the host as recorded when the slot was taken
+    unreachable_since: str = ""     # set when its removed host could not be reached
+
+
+def target_annotations(host: Host) -> dict[str, str]:
+    """What a slot records to reach its host after the host left the pool."""
+    ann = {contract.ANN_ADDRESS: host.address, contract.ANN_PORT: str(host.port),
+           contract.ANN_ADMIN_USER: host.user, contract.ANN_ADMIN_SECRET: host.secret}
+    if host.host_key:
+        ann[contract.ANN_HOST_KEY] = host.host_key
+    return ann
+
+
+def _target(name: str, ann: dict[str, str]) -> Host | None:
+    """The host a slot recorded, validated like a pool entry (None if incomplete/invalid)."""
+    try:
+        entry = {"name": name, "address": ann[contract.ANN_ADDRESS],
+                 "user": ann[contract.ANN_ADMIN_USER], "secret": ann[contract.ANN_ADMIN_SECRET],
+                 "port": int(ann.get(contract.ANN_PORT, "22")),
+                 "platform": ann.get(contract.ANN_PLATFORM, ""), "concurrency": 1}
+        if ann.get(contract.ANN_HOST_KEY):
+            entry["hostKey"] = ann[contract.ANN_HOST_KEY]
+        return from_document({"hosts": [entry]}).hosts[0]
+    except (KeyError, ValueError, PoolError):
+        return None
 
 
 def _slot_from_lease(lease: client.V1Lease) -> Slot:
     m = lease.metadata
     ann, lab = m.annotations or {}, m.labels or {}
-    holder = Holder(namespace=lab.get(contract.LABEL_TASKRUN_NAMESPACE, ""),
-                    name=ann.get(contract.ANN_TASKRUN_NAME, ""),
-                    uid=lab.get(contract.LABEL_TASKRUN_UID, ""),
-                    platform=ann.get(contract.ANN_PLATFORM, ""))
-    return Slot(host=lab.get(contract.LABEL_HOST, ""),
-                index=int(m.name.rsplit("-", 1)[1]), holder=holder, lease_name=m.name)
+    host = lab.get(contract.LABEL_HOST, "")
+    return Slot(host=host, index=int(m.name.rsplit("-", 1)[1]), holder=_holder(m),
+                lease_name=m.name, target=_target(host, ann),
+                unreachable_since=ann.get(contract.ANN_UNREACHABLE_SINCE, ""))
+
+
+# --- pure capacity arithmetic (the watcher calls these on its cache) ----------------
+def _load(host: Host, held: Counter) -> tuple:
+    """Preference order: least utilised first, then fewest slots held, then name."""
+    return (held[host.name] / host.concurrency, held[host.name], host.name)
+
+
+def free_slots(hosts: Iterable[Host], slots: Iterable) -> dict[str, int]:
+    """Free slots per host name: its current limit minus the slots it holds, whatever
+    their indices (never negative); 0 for a draining host. ``slots``: anything with a
+    ``host`` attribute (the host's name)."""
+    held = Counter(s.host for s in slots)
+    return {h.name: 0 if h.drain else max(0, h.concurrency - held[h.name]) for h in hosts}
+
+
+def free_per_platform(hosts: Iterable[Host], slots: Iterable) -> dict[str, int]:
+    """Free slots per platform (see ``free_slots``)."""
+    hosts = list(hosts)
+    free = free_slots(hosts, slots)
+    out: dict[str, int] = {}
+    for h in hosts:
+        out[h.platform] = out.get(h.platform, 0) + free[h.name]
+    return out
+
+
+@dataclass(frozen=True)
+class Waiter:
+    name: str
+    holder: Holder
+    created: dt.datetime            # creationTimestamp: the API server's clock
+    excluded: frozenset[str] = frozenset()
+    version: str = ""               # resourceVersion: changes with every renewal
+    duration: float = WAITER_LEASE_SECONDS
+
+
+def _waiter(lease: client.V1Lease) -> Waiter:
+    m = lease.metadata
+    excluded = (m.annotations or {}).get(contract.ANN_EXCLUDED_HOSTS, "")
+    return Waiter(name=m.name, holder=_holder(m),
+                  created=m.creation_timestamp or dt.datetime.max.replace(tzinfo=dt.timezone.utc),
+                  excluded=frozenset(x for x in excluded.split(",") if x),
+                  version=m.resource_version or "",
+                  duration=float(lease.spec.lease_duration_seconds or WAITER_LEASE_SECONDS))
+
+
+def fifo(waiters: Iterable[Waiter]) -> list[Waiter]:
+    """Oldest first by the API server's creationTimestamp, ties by Lease name."""
+    return sorted(waiters, key=lambda w: (w.created, w.name))
+
+
+def assign(hosts: Iterable[Host], slots: Iterable, waiters: Iterable[Waiter]) -> dict[str, str]:
+    """Which waiter gets which host now: waiter name -> host name.
+
+    Free slots go to ``waiters`` in FIFO order, each waiter only to a host it does
+    not exclude; an older waiter keeps its claim, but may be moved to another host
+    it can use when that lets a younger one in (augmenting paths), so a free host
+    serves the oldest waiter that can use it.
+    """
+    hosts = list(hosts)
+    slots = list(slots)
+    free = free_slots(hosts, slots)
+    held = Counter(s.host for s in slots)
+    order = [h.name for h in sorted(hosts, key=lambda h: _load(h, held))]
+    placed: dict[str, list[str]] = {h: [] for h in order}
+    got: dict[str, str] = {}
+    options: dict[str, list[str]] = {}
+
+    def place(w: str, seen: set[str]) -> bool:
+        for h in options[w]:
+            if h in seen or not free[h]:
+                continue
+            seen.add(h)
+            if len(placed[h]) < free[h]:
+                placed[h].append(w)
+                got[w] = h
+                return True
+            for other in list(placed[h]):
+                if place(other, seen):
+                    placed[h].remove(other)
+                    placed[h].append(w)
+                    got[w] = h
+                    return True
+        return False
+
+    for w in fifo(waiters):
+        options[w.name] = [h for h in order if h not in w.excluded]
+        place(w.name, set())
+    return got
 
 
 class Slots:
     def __init__(self, kube: Kube, namespace: str):
         self.kube = kube
         self.namespace = namespace
+        # waiter name -> (resourceVersion, monotonic time this observer first saw it)
+        self._seen: dict[str, tuple[str, float]] = {}
 
     def _list(self, selector: str) -> list[client.V1Lease]:
         return self.kube.leases.list_namespaced_lease(self.namespace, label_selector=selector).items
 
     def all(self) -> list[Slot]:
         sel = f"{contract.LABEL_MANAGED}={contract.MANAGED_VALUE},{contract.LABEL_ROLE}=slot"
+        return [_slot_from_lease(lease) for lease in self._list(sel)]
+
+    def on_host(self, host: str) -> list[Slot]:
+        sel = f"{contract.LABEL_ROLE}=slot,{contract.LABEL_HOST}={host}"
         return [_slot_from_lease(lease) for lease in self._list(sel)]
 
     def held_by(self, uid: str) -> list[Slot]:
@@ -108,10 +262,16 @@ class Slots:
         return used
 
     def try_take(self, host: Host, index: int, holder: Holder) -> Slot | None:
+        """Create slot ``index`` of ``host`` for ``holder``; None if someone else holds it.
+
+        A 409 is not always someone else: the access layer retries a create whose
+        answer was lost (``kube``), and the retry meets the Lease the first attempt
+        made. A slot that turns out to be held by this very build is ours.
+        """
         name = contract.slot_name(host.name, index)
         labels = holder.labels("slot") | {contract.LABEL_HOST: host.name}
-        ann = holder.annotations() | {contract.ANN_ADDRESS: host.address,
-                                      contract.ANN_ALLOCATED_AT: now().isoformat()}
+        ann = (holder.annotations() | target_annotations(host)
+               | {contract.ANN_ALLOCATED_AT: now().isoformat()})
         lease = client.V1Lease(
             metadata=client.V1ObjectMeta(name=name, labels=labels, annotations=ann),
             spec=client.V1LeaseSpec(holder_identity=f"{holder.namespace}/{holder.name}"[:253],
@@ -119,31 +279,50 @@ class Slots:
         try:
             self.kube.leases.create_namespaced_lease(self.namespace, lease)
         except client.ApiException as e:
-            if e.status == 409:
-                return None
-            raise
-        return Slot(host=host.name, index=index, holder=holder, lease_name=name)
+            if e.status != 409:
+                raise
+            try:
+                existing = _slot_from_lease(self.kube.leases.read_namespaced_lease(
+                    name, self.namespace))
+            except client.ApiException as e2:
+                if e2.status == 404:
+                    return None
+                raise
+            return existing if existing.holder.uid == holder.uid else None
+        return Slot(host=host.name, index=index, holder=holder, lease_name=name,
+                    target=_target(host.name, ann))
+
+    def _within_limit(self, host: Host, slot: Slot) -> bool:
+        """After taking ``slot``: keep it only if ``host`` holds no more than its limit."""
+        n = len(self.on_host(host.name))
+        if n <= host.concurrency:
+            return True
+        log.event("host holds more slots than its limit; slot given back", host=host.name,
+                  limit=host.concurrency, held=n, slot=slot.index)
+        self.release(slot)
+        return False
 
     def allocate(self, hosts: Iterable[Host], holder: Holder) -> Slot | None:
         """Take a slot on the least-utilised host with room, or None if all are full."""
-        hosts = list(hosts)
-        used = self.usage()
-        order = sorted(hosts, key=lambda h: (len(used.get(h.name, ())) / h.concurrency,
-                                             len(used.get(h.name, ())), h.name))
-        for h in order:
-            taken = used.get(h.name, set())
+        current = self.all()
+        held = Counter(s.host for s in current)
+        for h in sorted((h for h in hosts if not h.drain), key=lambda h: _load(h, held)):
+            if held[h.name] >= h.concurrency:
+                continue
+            taken = {s.index for s in current if s.host == h.name}
             for i in range(h.concurrency):
                 if i in taken:
                     continue
                 slot = self.try_take(h, i, holder)
-                if slot:
+                if slot is None:
+                    continue
+                if self._within_limit(h, slot):
                     return slot
+                break
         return None
 
     def free_count(self, hosts: Iterable[Host]) -> int:
-        used = self.usage()
-        return sum(max(0, h.concurrency - len([i for i in used.get(h.name, ()) if i < h.concurrency]))
-                   for h in hosts)
+        return sum(free_slots(hosts, self.all()).values())
 
     def release(self, slot: Slot) -> None:
         try:
@@ -152,91 +331,136 @@ class Slots:
             if e.status != 404:
                 raise
 
-    # --- the FIFO queue ---------------------------------------------------------
-    def _waiters(self, platform: str) -> list[client.V1Lease]:
-        sel = (f"{contract.LABEL_ROLE}=waiter,"
-               f"{contract.DOMAIN}/platform-key={platform_key(platform)}")
-        return self._list(sel)
+    def mark_unreachable(self, slot: Slot, since: str) -> None:
+        """Record when the removed host of ``slot`` was first found unreachable."""
+        body = {"metadata": {"annotations": {contract.ANN_UNREACHABLE_SINCE: since}}}
+        try:
+            self.kube.leases.patch_namespaced_lease(slot.lease_name, self.namespace, body)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
 
-    def enqueue(self, holder: Holder) -> None:
+    # --- the FIFO queue ---------------------------------------------------------
+    def _waiters(self, platform: str | None = None) -> list[Waiter]:
+        sel = f"{contract.LABEL_MANAGED}={contract.MANAGED_VALUE},{contract.LABEL_ROLE}=waiter"
+        if platform is not None:
+            sel += f",{contract.DOMAIN}/platform-key={platform_key(platform)}"
+        return [_waiter(w) for w in self._list(sel)]
+
+    def waiters(self) -> list[Waiter]:
+        """Every waiter of every platform."""
+        return self._waiters()
+
+    def enqueue(self, holder: Holder, excluded: Iterable[str] = ()) -> None:
         name = contract.waiter_name(holder.uid)
+        ann = holder.annotations() | {contract.ANN_EXCLUDED_HOSTS: ",".join(sorted(excluded))}
         lease = client.V1Lease(
             metadata=client.V1ObjectMeta(name=name, labels=holder.labels("waiter"),
-                                         annotations=holder.annotations()),
+                                         annotations=ann),
             spec=client.V1LeaseSpec(holder_identity=f"{holder.namespace}/{holder.name}"[:253],
                                     acquire_time=now(), renew_time=now(),
-                                    lease_duration_seconds=WAITER_STALE_SECONDS))
+                                    lease_duration_seconds=WAITER_LEASE_SECONDS))
         try:
             self.kube.leases.create_namespaced_lease(self.namespace, lease)
         except client.ApiException as e:
             if e.status != 409:
                 raise
+            # queued already (an earlier attempt, or our own create retried): keep the
+            # place, bring the exclusions up to date
+            self.kube.leases.patch_namespaced_lease(name, self.namespace,
+                                                    {"metadata": {"annotations": ann}})
 
-    def renew(self, holder: Holder) -> None:
+    def renew(self, holder: Holder, excluded: Iterable[str] = ()) -> None:
+        # renewTime is only a change marker: nobody compares it with a clock
         body = {"spec": {"renewTime": now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
         try:
             self.kube.leases.patch_namespaced_lease(contract.waiter_name(holder.uid),
                                                     self.namespace, body)
         except client.ApiException as e:
             if e.status == 404:
-                self.enqueue(holder)   # swept while we were alive: queue again (at the back)
+                self.enqueue(holder, excluded)   # swept while we were alive: at the back
             else:
                 raise
 
     def dequeue(self, uid: str) -> None:
+        self.delete_waiter(contract.waiter_name(uid))
+
+    def delete_waiter(self, name: str, version: str | None = None) -> None:
+        opts = client.V1DeleteOptions(preconditions=client.V1Preconditions(
+            resource_version=version)) if version else None
         try:
-            self.kube.leases.delete_namespaced_lease(contract.waiter_name(uid), self.namespace)
+            self.kube.leases.delete_namespaced_lease(name, self.namespace, body=opts)
         except client.ApiException as e:
-            if e.status != 404:
+            if e.status not in (404, 409):      # 409: renewed since we looked: alive
                 raise
+
+    def live(self, waiters: Iterable[Waiter], me: str = "") -> list[Waiter]:
+        """The waiters this observer has seen change within their lease duration (and
+        ``me``); the others are stale and deleted. Uses only this process's clock."""
+        t = time.monotonic()
+        out, names = [], set()
+        for w in waiters:
+            names.add(w.name)
+            seen = self._seen.get(w.name)
+            if seen is None or seen[0] != w.version:
+                self._seen[w.name] = (w.version, t)
+                out.append(w)
+            elif w.name == me or t - seen[1] <= w.duration:
+                out.append(w)
+            else:
+                log.event("waiter stale: no renewal seen; removed", waiter=w.name,
+                          uid=w.holder.uid, unchanged_for=round(t - seen[1], 1))
+                self.delete_waiter(w.name, w.version)
+        for gone in set(self._seen) - names:
+            del self._seen[gone]
+        return fifo(out)
 
     def position(self, holder: Holder) -> int:
         """0-based place of ``holder`` among live waiters of its platform, oldest first."""
-        live = [w for w in self._waiters(holder.platform) if not stale(w)
-                or w.metadata.name == contract.waiter_name(holder.uid)]
-        live.sort(key=lambda w: (w.metadata.creation_timestamp, w.spec.acquire_time,
-                                 w.metadata.name))
-        names = [w.metadata.name for w in live]
         me = contract.waiter_name(holder.uid)
+        names = [w.name for w in self.live(self._waiters(holder.platform), me)]
         return names.index(me) if me in names else len(names)
 
-    def stale_waiters(self) -> list[client.V1Lease]:
-        sel = f"{contract.LABEL_MANAGED}={contract.MANAGED_VALUE},{contract.LABEL_ROLE}=waiter"
-        return [w for w in self._list(sel) if stale(w)]
-
     def acquire(self, hosts: list[Host], holder: Holder, deadline: float,
-                poll: float = 0.5, on_wait=None, alive=None) -> Slot | None:
+                poll: float = 0.5, on_wait=None, alive=None,
+                excluded: Iterable[str] = ()) -> Slot | None:
         """Queue for and take a slot; None when ``deadline`` (monotonic) passes.
 
+        ``hosts``: the platform's hosts; ``excluded``: names of those this build
+        must not use (recorded on its waiter, so others' turns account for it).
         ``alive()`` is asked every few seconds while waiting; False raises Gone.
         """
-        self.enqueue(holder)
+        excluded = frozenset(excluded)
+        me = contract.waiter_name(holder.uid)
+        self.enqueue(holder, excluded)
         last_renew = last_alive = time.monotonic()
         waited = False
         try:
             while True:
-                pos = self.position(holder)
-                if pos < self.free_count(hosts):
-                    slot = self.allocate(hosts, holder)
-                    if slot:
-                        return slot
+                queue = self.live(self._waiters(holder.platform), me)
+                names = [w.name for w in queue]
+                if me not in names:           # removed by an observer that found us stale
+                    self.enqueue(holder, excluded)
+                    last_renew = time.monotonic()
+                else:
+                    turn = assign(hosts, self.all(), queue).get(me)
+                    target = [h for h in hosts if h.name == turn and h.name not in excluded]
+                    if target:
+                        slot = self.allocate(target, holder)
+                        if slot:
+                            return slot
                 if time.monotonic() >= deadline:
                     return None
                 if not waited and on_wait:
-                    on_wait(pos)
+                    on_wait(names.index(me) if me in names else len(names))
                 waited = True
                 time.sleep(poll)
                 if alive and time.monotonic() - last_alive > ALIVE_CHECK_SECONDS:
                     last_alive = time.monotonic()
                     if not alive():
                         raise Gone(holder.uid)
-                if time.monotonic() - last_renew > WAITER_STALE_SECONDS / 3:
-                    self.renew(holder)
+                if time.monotonic() - last_renew > WAITER_LEASE_SECONDS / 3:
+                    self.renew(holder, excluded)
                     last_renew = time.monotonic()
         finally:
             self.dequeue(holder.uid)
-
-
-def stale(w: client.V1Lease) -> bool:
-    renewed = w.spec.renew_time or w.spec.acquire_time or w.metadata.creation_timestamp
-    return (now() - renewed).total_seconds() > (w.spec.lease_duration_seconds or WAITER_STALE_SECONDS)
