@@ -63,6 +63,11 @@ class SSHHost:
     port: int = 22
     admin_key: bytes = b""
     host_public_key: str = ""
+    # a cloud VM's identity, given rather than made: (private, public) host key and the
+    # admin's public key (the EC2 key pair); and a /32 address routed point to point
+    given_host_key: tuple[bytes, str] | None = None
+    given_admin_public_key: str | None = None
+    point_to_point: bool = False
     proc: subprocess.Popen | None = field(default=None, repr=False)
     _init_pid: int = field(default=0, repr=False)
     _cgroup: Subtree | None = field(default=None, repr=False)
@@ -95,7 +100,7 @@ class SSHHost:
         (upper / "etc/ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
         (upper / "etc/hostname").write_text(self.name + "\n")
         (upper / "etc/hosts").write_text(f"127.0.0.1 localhost\n{self.address} {self.name}\n")
-        hk_priv, hk_pub = keypair()
+        hk_priv, hk_pub = self.given_host_key or keypair()
         hk = upper / "etc/ssh/ssh_host_ed25519_key"
         hk.write_bytes(hk_priv)
         hk.chmod(0o600)
@@ -103,7 +108,8 @@ class SSHHost:
         self.host_public_key = hk_pub
         (upper / "etc/ssh/sshd_config.d/10-mpc-test.conf").write_text(
             SSHD_CONFIG.format(address=self.address))
-        self.admin_key, admin_pub = keypair()
+        self.admin_key, admin_pub = ((b"", self.given_admin_public_key)
+                                     if self.given_admin_public_key else keypair())
         self.admin_key_file.write_bytes(self.admin_key)
         self.admin_key_file.chmod(0o600)
         self.known_hosts_file.write_text(self.known_hosts_line + "\n")
@@ -129,6 +135,16 @@ class SSHHost:
         run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
         run("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
             "netns", self.netns)
+        if self.point_to_point:     # any address: a /32 each side, a host route each way
+            run("ip", "addr", "add", f"{self.host_ip}/32", "dev", self.veth)
+            run("ip", "link", "set", self.veth, "up")
+            run("ip", "route", "add", f"{self.address}/32", "dev", self.veth, "src", self.host_ip)
+            run("ip", "-n", self.netns, "link", "set", "lo", "up")
+            run("ip", "-n", self.netns, "addr", "add", f"{self.address}/32", "dev", "eth0")
+            run("ip", "-n", self.netns, "link", "set", "eth0", "up")
+            run("ip", "-n", self.netns, "route", "add", f"{self.host_ip}/32", "dev", "eth0")
+            run("ip", "-n", self.netns, "route", "add", "default", "via", self.host_ip)
+            return
         run("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.veth)
         run("ip", "link", "set", self.veth, "up")
         run("ip", "-n", self.netns, "link", "set", "lo", "up")
@@ -325,13 +341,13 @@ class HostFarm:
     different N, so their routes never overlap.
     """
 
-    def __init__(self, session: str | None = None):
+    def __init__(self, session: str | None = None, base: Path | None = None):
         self.session = session or f"{os.getpid() % 100000:05d}"
         self.SUBNET, self._lock = _claim_subnet()
         self.hosts: list[SSHHost] = []
         self.dir = Path(tempfile.mkdtemp(prefix=f"mpc-hosts-{self.session}-", dir="/dev/shm"))
-        self.base = self.dir / "base"
-        self._extracted = False
+        self.base = base or self.dir / "base"       # another farm's extracted rootfs, shared
+        self._extracted = base is not None
         self._foreign: dict[str, Path] = {}
 
     def _extract(self) -> None:
@@ -355,7 +371,8 @@ class HostFarm:
             self._foreign[arch] = base
         return self._foreign[arch]
 
-    def add(self, name: str | None = None, arch: str | None = None) -> SSHHost:
+    def add(self, name: str | None = None, arch: str | None = None, address: str | None = None,
+            **identity) -> SSHHost:
         """A new host; ``arch`` (``arm64``, ``s390x``) makes it really run that architecture
         under QEMU user emulation (``emulatedhosts.py``); default: this machine's (amd64)."""
         cls, base = SSHHost, self.base
@@ -371,10 +388,15 @@ class HostFarm:
         if i is None:
             raise RuntimeError("at most 63 test hosts alive at once per session")
         name = name or f"host{i}"
+        # ``address`` given (a cloud VM's private address in .0/25 of this farm's /24): routed
+        # point to point from this machine's .128+i; ``identity``: given_host_key and
+        # given_admin_public_key (see SSHHost)
+        net = ({"host_ip": f"{self.SUBNET}.{128 + i}", "address": address, "point_to_point": True}
+               if address else
+               {"host_ip": f"{self.SUBNET}.{4 * i + 1}", "address": f"{self.SUBNET}.{4 * i + 2}"})
         h = cls(name=name, index=i, base=base, state=self.dir / f"h{i}",
                 netns=f"mpc{self.session}h{i}", veth=f"mv{self.session}h{i}"[:15],
-                host_ip=f"{self.SUBNET}.{4 * i + 1}", address=f"{self.SUBNET}.{4 * i + 2}",
-                arch=arch or "amd64")
+                arch=arch or "amd64", **net, **identity)
         self.hosts.append(h)
         return h.create()
 

@@ -1,0 +1,103 @@
+"""Fixtures of the cloud tier: moto's EC2 API on loopback, a fault proxy in front of it,
+a hypervisor that boots an SSH test host for every instance, and a dynamic pool."""
+from __future__ import annotations
+
+import base64
+import os
+import re
+from dataclasses import dataclass
+
+import pytest
+import yaml
+from kubernetes import client, config
+
+from mpc.runner import contract
+from mpc.runner.kube import Kube
+from mpc.runner.provision import Request
+from tests.infra.ec2 import CREDS, REGION, Ec2Proxy, Hypervisor, MotoServer
+from tests.infra.ec2 import client as ec2_client
+from tests.infra.sshhosts import HostFarm, keypair
+from tests.provisioning.conftest import controller, make_taskrun  # noqa: F401 - fixtures
+
+PLATFORM = "linux/arm64"
+
+
+@pytest.fixture(scope="session")
+def moto(workdir):
+    m = MotoServer(workdir / "moto.log").start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="session")
+def cloud_farm(host_farm):
+    host_farm._extract()
+    farm = HostFarm(session=f"{os.getpid() % 10000:04d}c", base=host_farm.base)
+    yield farm
+    farm.close()
+
+
+@dataclass
+class Cloud:
+    moto: MotoServer
+    proxy: Ec2Proxy
+    hv: Hypervisor
+    ctl: object                  # tests.provisioning.conftest.Controller
+    subnet: str
+    ami: str
+    key_name: str
+    admin_key: bytes
+
+    @property
+    def ec2(self):
+        return ec2_client(self.moto.url)
+
+    @property
+    def kube(self) -> Kube:
+        """As the provisioning Tasks' ServiceAccount (its real RBAC)."""
+        return Kube(config.new_client_from_config(str(self.ctl.kubeconfig)))
+
+    def pool(self, tag: str = "mpc-test", **dyn) -> dict:
+        entry = {"platform": PLATFORM, "provider": "aws", "secret": "vm-admin",
+                 "sshUser": "mpcadmin", "maxInstances": 2, "bootTimeoutSeconds": 30,
+                 "aws": {"region": REGION, "endpoint": self.proxy.url, "ami": self.ami,
+                         "instanceType": "t3.micro", "keyName": self.key_name,
+                         "credentialsSecret": "aws-creds", "subnet": self.subnet}} | dyn
+        doc = {"hosts": [], "instanceTag": tag, "dynamic": [entry]}
+        self.ctl.set_pool_text(yaml.safe_dump(doc))
+        return doc
+
+    def request(self, tr: dict) -> Request:
+        m = tr["metadata"]
+        return Request(taskrun_name=m["name"], taskrun_namespace=m["namespace"],
+                       taskrun_uid=m["uid"], platform=PLATFORM,
+                       controller_namespace=self.ctl.namespace)
+
+    def records(self) -> list:
+        return client.CoordinationV1Api(self.ctl.kube).list_namespaced_lease(
+            self.ctl.namespace, label_selector=f"{contract.LABEL_ROLE}={contract.ROLE_VM}").items
+
+
+@pytest.fixture
+def cloud(moto, cloud_farm, controller):
+    moto.reset()
+    ec2 = ec2_client(moto.url)
+    vpc = ec2.create_vpc(CidrBlock=f"{cloud_farm.SUBNET}.0/24")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=f"{cloud_farm.SUBNET}.0/25")["Subnet"]["SubnetId"]
+    ami = next(i["ImageId"] for i in ec2.describe_images()["Images"]
+               if re.fullmatch(r"ami-[0-9a-f]{8,17}", i["ImageId"]))
+    admin_priv, admin_pub = keypair()
+    ec2.import_key_pair(KeyName="mpc-test", PublicKeyMaterial=admin_pub.encode())
+    core = client.CoreV1Api(controller.kube)
+    for name, data in (("vm-admin", {"id_rsa": admin_priv}), ("aws-creds", CREDS)):
+        core.create_namespaced_secret(controller.namespace, client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name),
+            data={k: base64.b64encode(v if isinstance(v, bytes) else v.encode()).decode()
+                  for k, v in data.items()}))
+    proxy = Ec2Proxy(moto.port).start()
+    hv = Hypervisor(moto.url, cloud_farm).start()
+    try:
+        yield Cloud(moto, proxy, hv, controller, subnet, ami, "mpc-test", admin_priv)
+    finally:
+        hv.stop()
+        proxy.stop()

@@ -1,0 +1,237 @@
+"""A real EC2 API on loopback (moto in server mode), a fault-injecting proxy in front of
+it, and a simulated hypervisor that makes every instance the API reports reachable.
+
+``MotoServer``: ``moto_server`` bound to 127.0.0.1 on a free port; boto3 talks
+to it over HTTP exactly as to EC2. ``Ec2Proxy``: a loopback HTTP proxy that
+forwards to it and, per API action, answers ``RequestLimitExceeded`` (HTTP
+503, EC2's XML error) a given number of times, or forwards a call and then
+never answers it (a client killed after the cloud acted). ``Hypervisor``: a
+thread that lists the instances through the API; for each new one it reads
+the user data the way cloud-init does (the host key in ``ssh_keys``) and the
+key pair's public key, and boots an SSH test host (``sshhosts.py``) at the
+instance's private address with that identity; a terminated instance's host
+is destroyed. Faults: instances that never boot, boot with another host key,
+or boot only after a delay. Only the hypervisor is simulated.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+
+from mpc.runner.cloud import host_key_from_user_data
+
+from .paths import REPO
+from .procs import wait_for
+from .sshhosts import HostFarm, SSHHost, keypair
+
+REGION = "us-east-1"
+CREDS = {"access-key-id": "testing", "secret-access-key": "testing"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    def __init__(self, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MotoServer":
+        self.proc = subprocess.Popen(
+            [str(REPO / ".venv/bin/moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        wait_for("moto_server", up, timeout=60, log=self.log)
+        return self
+
+    def reset(self) -> None:
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        c.request("POST", "/moto-api/reset")
+        c.getresponse().read()
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def client(url: str):
+    return boto3.client("ec2", region_name=REGION, endpoint_url=url,
+                        aws_access_key_id=CREDS["access-key-id"],
+                        aws_secret_access_key=CREDS["secret-access-key"])
+
+
+THROTTLED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+             b'<Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>'
+             b'</Error></Errors><RequestID>mpc-test-proxy</RequestID></Response>')
+
+
+class Ec2Proxy:
+    """Loopback proxy in front of moto that injects faults per EC2 action."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream = upstream_port
+        self.throttle: dict[str, int] = {}         # action -> how many more to refuse
+        self.injected: dict[str, int] = {}         # action -> refused so far
+        self.hold: set[str] = set()                # actions forwarded but never answered
+        self.held = threading.Event()              # set once a held call reached moto
+        self.release = threading.Event()
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                action = urllib.parse.parse_qs(body.decode()).get("Action", [""])[0]
+                with proxy._lock:
+                    proxy.calls.append(action)
+                    refuse = proxy.throttle.get(action, 0) > 0
+                    if refuse:
+                        proxy.throttle[action] -= 1
+                        proxy.injected[action] = proxy.injected.get(action, 0) + 1
+                if refuse:
+                    self.send_response(503)
+                    self.send_header("Content-Type", "text/xml")
+                    self.send_header("Content-Length", str(len(THROTTLED)))
+                    self.end_headers()
+                    self.wfile.write(THROTTLED)
+                    return
+                c = http.client.HTTPConnection("127.0.0.1", proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                c.request("POST", self.path, body=body, headers=headers)
+                r = c.getresponse()
+                data = r.read()
+                if action in proxy.hold:
+                    proxy.held.set()
+                    proxy.release.wait()
+                    self.close_connection = True
+                    return
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> "Ec2Proxy":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Hypervisor:
+    """Boots an SSH host for every instance EC2 reports; destroys it when terminated."""
+
+    ec2_url: str
+    farm: HostFarm
+    interval: float = 0.2
+    never_boot: int = 0                 # the next n instances never become reachable
+    wrong_key: int = 0                  # the next n boot with a host key mpc did not give
+    hosts: dict[str, SSHHost] = field(default_factory=dict)
+    dead: set[str] = field(default_factory=set)     # seen, never booted
+    seen: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    max_alive: int = 0                  # most non-terminated instances in one listing
+
+    def __post_init__(self):
+        self.ec2 = client(self.ec2_url)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Hypervisor":
+        self._thread.start()
+        return self
+
+    def instances(self) -> list[dict]:
+        out = []
+        for page in self.ec2.get_paginator("describe_instances").paginate():
+            for r in page["Reservations"]:
+                out += r["Instances"]
+        return out
+
+    def alive(self) -> list[dict]:
+        return [i for i in self.instances() if i["State"]["Name"] != "terminated"]
+
+    def _boot(self, inst: dict) -> None:
+        iid = inst["InstanceId"]
+        raw = self.ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
+        text = base64.b64decode(raw.get("UserData", {}).get("Value", "")).decode()
+        hk = host_key_from_user_data(text)
+        pair = self.ec2.describe_key_pairs(KeyNames=[inst["KeyName"]], IncludePublicKey=True)
+        admin_pub = pair["KeyPairs"][0]["PublicKey"].strip()
+        if hk is None:
+            self.errors.append(f"{iid}: no host key in the user data")
+            return
+        key = (hk[0].encode(), hk[1])
+        if self.wrong_key > 0:
+            self.wrong_key -= 1
+            key = keypair()
+        self.hosts[iid] = self.farm.add(name=iid[:20], address=inst["PrivateIpAddress"],
+                                        given_host_key=key, given_admin_public_key=admin_pub)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                insts = self.instances()
+                live = [i for i in insts if i["State"]["Name"] != "terminated"]
+                self.max_alive = max(self.max_alive, len(live))
+                for i in insts:
+                    iid = i["InstanceId"]
+                    if i["State"]["Name"] == "terminated" and iid in self.hosts:
+                        self.hosts.pop(iid).destroy()
+                for i in live:
+                    iid = i["InstanceId"]
+                    if iid in self.seen:
+                        continue
+                    self.seen.append(iid)
+                    if self.never_boot > 0:
+                        self.never_boot -= 1
+                        self.dead.add(iid)
+                        continue
+                    self._boot(i)
+            except Exception as e:      # noqa: BLE001 - keep simulating; the test reads errors
+                self.errors.append(repr(e))
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for h in self.hosts.values():
+            h.destroy()
+        self.hosts.clear()
