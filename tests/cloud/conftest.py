@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 
 import pytest
@@ -33,8 +34,15 @@ def moto(workdir):
 def cloud_farm(host_farm):
     host_farm._extract()
     farm = HostFarm(session=f"{os.getpid() % 10000:04d}c", base=host_farm.base)
-    yield farm
-    farm.close()
+    # instances that have not booted (or never will) are unreachable at once: their
+    # addresses must never leave this machine by its default route
+    net = f"{farm.SUBNET}.0/24"
+    subprocess.run(["ip", "route", "add", "unreachable", net], check=True, capture_output=True)
+    try:
+        yield farm
+    finally:
+        subprocess.run(["ip", "route", "del", "unreachable", net], capture_output=True)
+        farm.close()
 
 
 @dataclass
