@@ -1,7 +1,11 @@
 """Turn a buildah Task into buildah-remote: the same build, on a host mpc assigns.
 
-The input Task is read with ruamel.yaml's round-trip loader, so comments and
-key order survive; only what the transformation needs is touched:
+The input Task is read with ruamel.yaml's round-trip loader and the changes
+are written into the input's own text (``yamlsplice``): a diff between input
+and output shows only what the conversion changed; comments, key order,
+quoting, indentation, wrapped lines and block scalars of the rest stay as
+they were, and new items take the indentation of the collection they join.
+What the transformation touches:
 
 * ``metadata.name``: ``buildah`` becomes ``buildah-remote`` (``buildah-oci-ta``
   → ``buildah-remote-oci-ta``); a name without ``buildah`` gets ``-remote``.
@@ -11,9 +15,14 @@ key order survive; only what the transformation needs is touched:
   ``optional: false`` (the pod waits until the provisioner wrote it), mounted
   read-only at ``/ssh`` into the build step only.
 * the build step's script becomes a wrapper (templates/buildah-remote-wrapper.sh)
-  that embeds the original script unchanged; the step's image, env, args,
+  that embeds the original script; the step's image, env, args,
   workingDir, securityContext and mounts stay as they were, plus the env
   ``MPC_BUILDER_IMAGE`` holding the step image (Tekton resolves params in it).
+* ``$(params.IMAGE)`` in shell scripts (the catalog's way) is read from env
+  ``IMAGE`` instead, quoted to give the same word where it stands (env
+  ``IMAGE: $(params.IMAGE)`` is added to ``stepTemplate`` if missing): the
+  wrapper must know the image, and IMAGE_APPEND_PLATFORM changes it. Inside a
+  here-document with a quoted delimiter (never expanded) it is an error.
 * other steps keep running in the pod; those whose shell script uses the
   image variable get the IMAGE_APPEND_PLATFORM snippet after their ``#!`` line.
 
@@ -36,7 +45,8 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString, LiteralScalarStri
 
 from mpc.runner import contract
 
-from . import taskcheck
+from . import shellquote, taskcheck
+from .yamlsplice import SpliceError, Splicer
 
 SSH_VOLUME = "mpc-ssh"
 SSH_MOUNT = "/ssh"
@@ -92,6 +102,10 @@ def remote_name(name: str) -> str:
 
 def _env_names(env) -> list[str]:
     return [e["name"] for e in env or [] if "name" in e]
+
+
+def _env_value(env, name: str):
+    return next((e.get("value") for e in env or [] if e.get("name") == name), None)
 
 
 def _mount_kind(volumes: dict, name: str) -> str:
@@ -185,9 +199,71 @@ def _podman_opts(step: dict) -> list[str]:
     return opts
 
 
-def transform(task: CommentedMap, opts: Options) -> list[str]:
-    """Change ``task`` in place into its remote variant; returns warnings."""
+class _Edits:
+    """Changes to the tree, recorded for a Splicer when there is one."""
+
+    def __init__(self, doc: Splicer | None):
+        self.doc = doc
+
+    def set(self, mapping, key, value) -> None:
+        if self.doc is not None:
+            self.doc.set(mapping, key, value)
+        else:
+            mapping[key] = value
+
+    def append(self, seq, item) -> None:
+        if self.doc is not None:
+            self.doc.append(seq, item)
+        else:
+            seq.append(item)
+
+
+def _param_ref(name: str) -> re.Pattern:
+    """``$(params.NAME)`` as a whole string value (Tekton's dot and bracket forms)."""
+    n = re.escape(name)
+    return re.compile(r"""\$\(params(?:\.""" + n + r"""|\[['"]""" + n + r"""['"]\])\)""")
+
+
+# how $(params.X) becomes the env variable in each shell context (same word, same value)
+_ENV_IN_CONTEXT = {
+    "plain": '"${{{v}}}"', "double": "${{{v}}}", "heredoc": "${{{v}}}", "comment": "${{{v}}}",
+    "single": "'\"${{{v}}}\"'", "ansi": "'\"${{{v}}}\"$'",
+}
+
+
+def _is_shell(script: str) -> bool:
+    return not script.startswith("#!") or taskcheck.SHELLS.match(script) is not None
+
+
+def env_for_param(script: str, param: str, var: str, where: str) -> str:
+    """``script`` with each ``$(params.<param>)`` read from env ``var`` instead.
+
+    Tekton pastes the value into the script text; the env variable, quoted to
+    fit where it stands, gives the shell the same word. A here-document with a
+    quoted delimiter expands nothing, so there it cannot be done."""
+    spans = [(m.start(), m.end()) for m in _param_ref(param).finditer(script)]
+    out, last = [], 0
+    for (start, end), ctx in zip(spans, shellquote.contexts(script, spans)):
+        if ctx == "heredoc-quoted":
+            line = script.count("\n", 0, start) + 1
+            raise GeneratorError(
+                f"{where}: line {line} has $(params.{param}) in a here-document with a quoted "
+                f"delimiter, which the shell does not expand; the remote Task reads the image "
+                f"from env {var} (IMAGE_APPEND_PLATFORM changes it): use ${var} in the script "
+                f"(e.g. an unquoted delimiter or an exported variable) and generate again")
+        out += [script[last:start], _ENV_IN_CONTEXT[ctx].format(v=var)]
+        last = end
+    return "".join(out) + script[last:]
+
+
+def transform(task: CommentedMap, opts: Options, doc: Splicer | None = None,
+              info: dict | None = None) -> list[str]:
+    """Change ``task`` in place into its remote variant; returns warnings.
+
+    Changes go through ``doc`` when given (to be written into the input's text);
+    ``info["embedded"]`` gets the build script the wrapper embeds."""
     warnings: list[str] = []
+    ed = _Edits(doc)
     if not isinstance(task, dict):
         raise GeneratorError("the input is not a YAML mapping")
     if task.get("kind") != "Task":
@@ -217,17 +293,17 @@ def transform(task: CommentedMap, opts: Options) -> list[str]:
         raise GeneratorError(f"build step {opts.build_step!r} uses volumeDevices, which "
                              "cannot be copied to a remote host")
 
-    meta["name"] = opts.name or remote_name(str(meta["name"]))
+    ed.set(meta, "name", opts.name or remote_name(str(meta["name"])))
 
     # --- params -----------------------------------------------------------------
     params = spec.get("params")
     if params is None:
-        params = spec["params"] = CommentedSeq()
+        ed.set(spec, "params", params := CommentedSeq())
     declared = {p.get("name") for p in params}
     if contract.PLATFORM_PARAM in declared:
         warnings.append(f"the input already declares {contract.PLATFORM_PARAM}; it is kept as is")
     else:
-        params.append(CommentedMap([
+        ed.append(params, CommentedMap([
             ("name", contract.PLATFORM_PARAM),
             ("type", "string"),
             ("description", "The platform to build on (e.g. linux/arm64); mpc provisions a host "
@@ -235,38 +311,72 @@ def transform(task: CommentedMap, opts: Options) -> list[str]:
         ]))
     template = spec.get("stepTemplate")
     if template is None:
-        template = spec["stepTemplate"] = CommentedMap()
-    tenv_names = _env_names(template.get("env"))
+        ed.set(spec, "stepTemplate", template := CommentedMap())
+    tenv = template.get("env")
+    if tenv is None:
+        ed.set(template, "env", tenv := CommentedSeq())
+    tenv_names = _env_names(tenv)
     benv_names = _env_names(build.get("env"))
+
+    # --- $(params.IMAGE) in scripts: read from env IMAGE instead ---------------------
+    # Tekton pastes the param's value into the script text, so the script would
+    # build and push the name the TaskRun gave, whatever IMAGE_APPEND_PLATFORM
+    # made of $IMAGE, and the wrapper could not tell which image to bring back.
+    var = opts.image_var
+    scripts: dict[int, str] = {}
+    env_value = _env_value(build.get("env"), var) if var in benv_names \
+        else _env_value(tenv, var) if var in tenv_names else None
+    if env_value is not None:
+        m = re.fullmatch(r"\$\(params\.([A-Za-z0-9_-]+)\)", str(env_value))
+        image_param = m.group(1) if m else None
+    else:
+        image_param = var if var in declared else None
+    users = [s for s in steps if image_param and s.get("script") is not None
+             and _param_ref(image_param).search(str(s["script"]))]
+    for s in users:
+        where = f"step {s.get('name')}"
+        own = _env_value(s.get("env"), var) if var in _env_names(s.get("env")) else None
+        if own is not None and own != f"$(params.{image_param})":
+            raise GeneratorError(f"{where}: its script uses $(params.{image_param}) and its env "
+                                 f"{var} is {own!r}: rename one of them and generate again")
+        if not _is_shell(str(s["script"])):
+            if s is build:
+                raise GeneratorError(
+                    f"{where}: its script is not a shell script and uses $(params.{image_param}); "
+                    f"the remote Task needs the image name in env {var}: read it from there "
+                    f"and generate again")
+            continue          # left as it is: the input's rule violation is reported
+        scripts[id(s)] = env_for_param(str(s["script"]), image_param, var, where)
+    if env_value is None and image_param and any(id(s) in scripts for s in steps):
+        ed.append(tenv, CommentedMap([("name", var), ("value", f"$(params.{image_param})")]))
+        tenv_names.append(var)
+
     image_var = opts.image_var if opts.image_var in tenv_names + benv_names else None
     if image_var is None:
         warnings.append(f"no env {opts.image_var} in the build step: the built image is not "
                         "brought back and no IMAGE_APPEND_PLATFORM param is added "
                         "(--image-var names the variable)")
     elif APPEND_PARAM not in declared:
-        params.append(CommentedMap([
+        ed.append(params, CommentedMap([
             ("name", APPEND_PARAM),
             ("type", "string"),
             ("default", DoubleQuotedScalarString("false")),
             ("description", f"Set to true to append the platform to the tag of {image_var} "
                             "(repo:tag becomes repo:tag-linux-arm64)."),
         ]))
-    tenv = template.get("env")
-    if tenv is None:
-        tenv = template["env"] = CommentedSeq()
     added_env = [contract.PLATFORM_PARAM] + ([APPEND_PARAM] if image_var else [])
     for n in added_env:
         if n not in tenv_names:
-            tenv.append(CommentedMap([("name", n), ("value", f"$(params.{n})")]))
+            ed.append(tenv, CommentedMap([("name", n), ("value", f"$(params.{n})")]))
 
     # --- the secret volume --------------------------------------------------------
     volumes = spec.get("volumes")
     if volumes is None:
-        volumes = spec["volumes"] = CommentedSeq()
+        ed.set(spec, "volumes", volumes := CommentedSeq())
     vols = {v.get("name"): v for v in volumes}
     if SSH_VOLUME in vols:
         raise GeneratorError(f"the input already has a volume named {SSH_VOLUME}")
-    volumes.append(CommentedMap([
+    ed.append(volumes, CommentedMap([
         ("name", SSH_VOLUME),
         ("secret", CommentedMap([
             ("secretName", contract.SECRET_PREFIX + "$(context.taskRun.name)"),
@@ -278,7 +388,7 @@ def transform(task: CommentedMap, opts: Options) -> list[str]:
     dirs: list[tuple[str, str, str, str]] = []
     build_env = build.get("env")
     if build_env is None:
-        build_env = build["env"] = CommentedSeq()
+        ed.set(build, "env", build_env := CommentedSeq())
     ws_env: list[tuple[str, str]] = []
     for i, ws in enumerate(spec.get("workspaces") or []):
         var = f"MPC_WORKSPACE_{i}"
@@ -305,28 +415,30 @@ def transform(task: CommentedMap, opts: Options) -> list[str]:
                                  "it cannot be passed to the remote build")
         forward.append(n)
 
-    original = str(build["script"])
+    original = scripts.get(id(build), str(build["script"]))
+    if info is not None:
+        info["embedded"] = original
     wrapper = wrapper_script(original=original, image_var=image_var, dirs=dirs,
                              forward_env=forward, podman_opts=_podman_opts(build),
                              append_platform=image_var is not None)
     if any(line != line.rstrip() for line in wrapper.splitlines()):
         # YAML block scalars keep them, but they make diffs unreadable
         warnings.append("the wrapper has lines ending in blanks (from the original script)")
-    build["script"] = LiteralScalarString(wrapper)
+    ed.set(build, "script", LiteralScalarString(wrapper))
     for var, value in [(BUILDER_IMAGE_ENV, build.get("image") or template.get("image")), *ws_env]:
         if value is None:
             raise GeneratorError(f"build step {opts.build_step!r} has no image")
-        build_env.append(CommentedMap([("name", var), ("value", value)]))
+        ed.append(build_env, CommentedMap([("name", var), ("value", value)]))
     bmounts = build.get("volumeMounts")
     if bmounts is None:
-        bmounts = build["volumeMounts"] = CommentedSeq()
-    bmounts.append(CommentedMap([("name", SSH_VOLUME), ("mountPath", SSH_MOUNT), ("readOnly", True)]))
+        ed.set(build, "volumeMounts", bmounts := CommentedSeq())
+    ed.append(bmounts, CommentedMap([("name", SSH_VOLUME), ("mountPath", SSH_MOUNT), ("readOnly", True)]))
 
     # --- the other steps: same as before, tagged per platform if asked ------------
     if image_var:
         snippet = append_platform_snippet(image_var)
         for s in steps:
-            sc = s.get("script")
+            sc = scripts.get(id(s), s.get("script"))
             if s is build or sc is None:
                 continue
             if str(sc).startswith("#!") and not taskcheck.SHELLS.match(str(sc)):
@@ -334,9 +446,14 @@ def transform(task: CommentedMap, opts: Options) -> list[str]:
                     warnings.append(f"step {s.get('name')}: not a shell script; "
                                     f"{APPEND_PARAM} does not apply to it")
                 continue
-            if not _uses_var(str(sc), image_var):
-                continue
-            s["script"] = LiteralScalarString(_insert_after_shebang(str(sc), snippet))
+            if _uses_var(str(sc), image_var):
+                sc = _insert_after_shebang(str(sc), snippet)
+            if sc != s.get("script"):
+                ed.set(s, "script", LiteralScalarString(sc))
+    else:
+        for s in steps:
+            if id(s) in scripts and s is not build:
+                ed.set(s, "script", LiteralScalarString(scripts[id(s)]))
     return warnings
 
 
@@ -353,14 +470,15 @@ def generate(text: str, opts: Options | None = None) -> Result:
     task = docs[0]
     # Rule violations the input brings along are reported, not blamed on the generator.
     before = set(taskcheck.check_task(task)) if isinstance(task, dict) else set()
-    original = next((s.get("script") for s in ((task.get("spec") or {}).get("steps") or [])
-                     if s.get("name") == opts.build_step), None) if isinstance(task, dict) else None
-    inherited = taskcheck.shellcheck(str(original), f"step {opts.build_step} (original script)") \
-        if original is not None else []
-    warnings = transform(task, opts)
-    out = io.StringIO()
-    y.dump(task, out)
-    text_out = out.getvalue()
+    doc = Splicer(text, task) if isinstance(task, CommentedMap) else None
+    info: dict = {}
+    warnings = transform(task, opts, doc, info)
+    try:
+        text_out = doc.text()
+    except SpliceError as e:
+        raise GeneratorError(f"cannot write the changes into the input's text: {e}") from None
+    # the original script as it runs on the host (with $(params.IMAGE) read from env)
+    inherited = taskcheck.shellcheck(info["embedded"], f"step {opts.build_step} (original script)")
     after = taskcheck.check_task(_yaml().load(text_out))
     after += taskcheck.shellcheck(_template("buildah-remote-host.sh"), "host script")
     after += taskcheck.shellcheck(_template("buildah-remote-runner.sh"), "runner script")
@@ -370,4 +488,6 @@ def generate(text: str, opts: Options | None = None) -> Result:
         raise GeneratorError("the generated Task breaks these rules:\n  "
                              + "\n  ".join(new + (old if opts.strict else [])))
     warnings += [f"the input already breaks a rule: {e}" for e in old]
+    if opts.strict and warnings:
+        raise GeneratorError("--strict: every warning is an error:\n  " + "\n  ".join(warnings))
     return Result(text_out, warnings)

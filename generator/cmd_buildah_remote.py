@@ -16,7 +16,9 @@ Read a Tekton Task that builds an image (tekton.dev/v1 or v1beta1: your own,
 the Tekton catalog's or Konflux's buildah) and write a Task that runs the same
 build on a remote host of another platform, which mpc provisions per TaskRun.
 
-What changes (everything else is kept, comments and key order included):
+What changes (everything else is kept as the input writes it: a diff between
+input and output shows only these changes; new items take the input's
+indentation):
   * name: buildah -> buildah-remote (buildah-oci-ta -> buildah-remote-oci-ta)
   * new params: PLATFORM (required) and IMAGE_APPEND_PLATFORM (default "false":
     "true" turns the image tag into <tag>-<platform>)
@@ -24,18 +26,28 @@ What changes (everything else is kept, comments and key order included):
     not optional (the pod waits for mpc), mounted read-only at {br.SSH_MOUNT} in the build
     step only. Keys: id_rsa, host (user@address or "localhost"), user-dir,
     known_hosts; or only error.
+  * $(params.IMAGE) in a shell script is read from env IMAGE instead (added to
+    stepTemplate when missing), quoted to be the same word; in a here-document
+    with a quoted delimiter it is an error (use $IMAGE there).
   * the build step's script becomes a wrapper. It fails at once with the
     secret's error; for host "localhost" it runs the original script in the pod;
-    otherwise it copies the workspaces, the step's volumes, /tekton/results and
-    $HOME/.docker to the host with rsync over SSH (host key pinned when
-    known_hosts is given), runs the ORIGINAL script unchanged in `podman run` of
-    the step's image there (same env, each value quoted; same mount paths,
-    args, user, working directory, capabilities), copies back the workspaces,
-    writable volumes and results, and loads the built image (env IMAGE) as an
-    OCI layout into the pod's container storage, so later steps (push, SBOM)
-    run unchanged in the pod.
+    otherwise it copies the workspaces, the step's volumes, Tekton's /workspace
+    directory, /tekton/results and $HOME/.docker to the host with rsync over
+    SSH (host key pinned when known_hosts is given), runs the
+    ORIGINAL script unchanged in `podman run` of the step's image there (same
+    env, each value quoted; same mount paths, args, user, working directory,
+    capabilities), copies back the workspaces, writable volumes, /workspace
+    and results, and loads the built image (env IMAGE) as an OCI layout into
+    the pod's container storage, so later steps (push, SBOM) run unchanged in
+    the pod. An image the build saved itself as an OCI layout in a directory
+    that comes back is loaded from there (it crosses the network once).
+  * a proxy env (BUILDAH_HTTP_PROXY, HTTP(S)_PROXY, ALL_PROXY, ...) naming a
+    host only the cluster resolves (*.svc, *.cluster.local, a name the build
+    host cannot resolve) is not passed to the build host, nor the NO_PROXY
+    that goes with it; the step log says so.
 The output is checked (step names, params, no $(params.*) in scripts, #!,
-ShellCheck). On an error nothing is written and the exit code is 1.
+ShellCheck). On an error nothing is written and the exit code is 1; with
+--strict every warning is an error too.
 
 example:
   mpc buildah-remote --from tasks/buildah/0.1/buildah.yaml \\
@@ -56,7 +68,8 @@ def register(sub) -> None:
                    help="the env variable naming the built image (default: IMAGE)")
     p.add_argument("--name", help="the new Task's name (default: buildah -> buildah-remote)")
     p.add_argument("--strict", action="store_true",
-                   help="rule violations already present in the input are errors too")
+                   help="every warning is an error (rule violations the input already has, "
+                        "no image to bring back, ...): exit 1 and write nothing")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 if FILE differs from what would be generated")
     p.set_defaults(func=run)

@@ -250,7 +250,7 @@ def test_workspaces_volumes_and_env_reach_the_wrapper():
 def test_comments_and_key_order_survive():
     r = br.generate(V1BETA1_SEVERAL_WORKSPACES)
     assert r.text.startswith("# a v1beta1 task with two workspaces")
-    assert "  name: buildah-remote-custom # keep me\n" in r.text
+    assert "  name: buildah-remote-custom   # keep me\n" in r.text
     assert r.text.index("zz.example.com/last") < r.text.index("aa.example.com/first")
     assert "\n  - name: IMAGE\n" not in r.text          # sequences stay indented under their key
     ref = br.generate(SRC.read_text()).text
@@ -270,10 +270,12 @@ def test_no_image_var_warns_and_skips_the_image_copy():
 
 
 def test_input_rule_violations_are_warnings_unless_strict():
-    catalog_like = ARRAY_ARGS_OPTIONAL_VOLUMES.replace('-t "$IMAGE"', '-t "$(params.IMAGE)"')
+    catalog_like = ARRAY_ARGS_OPTIONAL_VOLUMES.replace(
+        'buildah bud "$@"', 'echo "$(params.ENTITLEMENT_SECRET)"\n        buildah bud "$@"')
     out, res = gen(catalog_like)
-    assert any("input already breaks a rule" in w and "$(params.IMAGE)" in w for w in res.warnings)
-    with pytest.raises(br.GeneratorError, match=r"params.IMAGE"):
+    assert any("input already breaks a rule" in w and "$(params.ENTITLEMENT_SECRET)" in w
+               for w in res.warnings)
+    with pytest.raises(br.GeneratorError, match=r"params.ENTITLEMENT_SECRET"):
         gen(catalog_like, strict=True)
 
 
