@@ -176,9 +176,9 @@ def wrapper_script(*, original: str, image_var: str | None, dirs: list[tuple[str
     if image_var:
         subs["@IMAGE_VAR@"] = image_var
     else:   # no image to bring back: drop the lines that load it
+        text = re.sub(r"# @IMAGE_LOAD@ begin\n.*?# @IMAGE_LOAD@ end\n", "", text, flags=re.S)
         text = "\n".join(ln for ln in text.splitlines() if "@IMAGE_VAR@" not in ln) + "\n"
-        text = re.sub(r'if \[ -f "\$work/out/image.tar" \]; then\n.*?\nfi\n', "", text,
-                      flags=re.S)
+    text = re.sub(r"# @IMAGE_LOAD@ (begin|end)\n", "", text)
     for k, v in subs.items():
         text = text.replace(k, v)
     # last: the original script must not be scanned for placeholders

@@ -1,8 +1,9 @@
 #!/bin/sh
 # mpc buildah-remote: the entrypoint of the builder container on the host.
-# Runs the original build script with the step's args, then saves the built
-# image as an OCI layout (oci-archive, named after the image) that the pod
-# loads, so later steps find it locally.
+# Runs the original build script with the step's args, then names the built
+# image for the pod to load, so later steps find it locally: the OCI layout the
+# build itself saved it to in a directory that goes back to the pod, if there
+# is one, or else an OCI archive of it (named after the image) in /mpc/out.
 set -eu
 # The env came through podman's --env-file, one line a value: values with a
 # newline or carriage return came escaped for printf %b, named in MPC_ENV_ESCAPED.
@@ -15,12 +16,29 @@ for mpc_name in ${MPC_ENV_ESCAPED:-}; do
   export "$mpc_name=${mpc_value%x}"
 done
 unset MPC_ENV_ESCAPED mpc_name mpc_value
+: > /mpc/out/started
 /mpc/scripts/build "$@"
 if [ -n "${MPC_EXPORT_IMAGE:-}" ]; then
   if [ -n "${STORAGE_DRIVER:-}" ]; then set -- --storage-driver "$STORAGE_DRIVER"; else set --; fi
-  if buildah "$@" inspect --type image "$MPC_EXPORT_IMAGE" >/dev/null 2>&1; then
-    buildah "$@" push -q "$MPC_EXPORT_IMAGE" "oci-archive:/mpc/out/image.tar:$MPC_EXPORT_IMAGE"
-  else
+  if ! buildah "$@" inspect --type image "$MPC_EXPORT_IMAGE" >/dev/null 2>&1; then
     echo "mpc: no local image $MPC_EXPORT_IMAGE after the build: nothing to bring back" >&2
+    exit 0
+  fi
+  # The build may have saved the image itself as an OCI layout (buildah push
+  # "$IMAGE" oci:<dir>:"$IMAGE") in a directory that goes back to the pod: then
+  # the pod loads it from there, and the image crosses the network once.
+  mpc_ref="\"org.opencontainers.image.ref.name\":\"$MPC_EXPORT_IMAGE\""
+  while IFS= read -r mpc_dir; do
+    find "$mpc_dir" -maxdepth 3 -name index.json -type f -newer /mpc/out/started 2>/dev/null || :
+  done < /mpc/scripts/back-dirs | while IFS= read -r mpc_index; do
+    mpc_layout="${mpc_index%/index.json}"
+    case "$mpc_layout" in *:*) continue ;; esac
+    if [ -f "$mpc_layout/oci-layout" ] && grep -qF "$mpc_ref" "$mpc_index"; then
+      printf '%s\n' "$mpc_layout" > /mpc/out/image.layout
+      break
+    fi
+  done
+  if [ ! -f /mpc/out/image.layout ]; then
+    buildah "$@" push -q "$MPC_EXPORT_IMAGE" "oci-archive:/mpc/out/image.tar:$MPC_EXPORT_IMAGE"
   fi
 fi

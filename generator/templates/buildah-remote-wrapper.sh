@@ -3,7 +3,8 @@
 # It runs the original build script (embedded below, unchanged) on the build
 # host that mpc assigned to this TaskRun, or in this pod when the host is
 # "localhost", then brings back what later steps need: the workspaces, the
-# writable volumes, /tekton/results and the built image.
+# writable volumes, Tekton's /workspace directory, /tekton/results and the
+# built image.
 set -euo pipefail
 
 ssh_dir=@SSH_DIR@
@@ -48,16 +49,101 @@ cleanup() {
 trap cleanup EXIT
 rsh="ssh ${ssh_opts[*]}"
 rsync_opts=(@RSYNC_OPTS@)
-# Remote paths are passed with --protect-args: the remote shell never splits them.
-to_host() { rsync "${rsync_opts[@]}" -s -e "$rsh" "$1/" "$ssh_host:$2/"; }
-from_host() { rsync "${rsync_opts[@]}" -s -e "$rsh" "$ssh_host:$1/" "$2/"; }
 q() { printf '%q' "$1"; }
+
+# Proxies: one the pod reaches by a name only the cluster resolves (a Service:
+# *.svc, *.cluster.local, a bare name the pod's DNS search list completes, or
+# any name the build host cannot resolve) is no proxy on the build host. The
+# build runs there without it, and without the NO_PROXY that goes with it.
+proxy_host() {
+  local h=${1#*://}
+  h=${h%%/*}
+  h=${h##*@}
+  case "$h" in
+    \[*) h=${h%%]*}; h=${h#[} ;;
+    *) h=${h%%:*} ;;
+  esac
+  printf '%s' "$h"
+}
+drop_env() {
+  echo "mpc: not passing $1 to the build host: $2" >&2
+  unset "$1"
+}
+proxy_vars=(BUILDAH_HTTP_PROXY HTTP_PROXY HTTPS_PROXY ALL_PROXY FTP_PROXY
+  http_proxy https_proxy all_proxy ftp_proxy)
+cluster_name() {
+  case "$1" in
+    *.svc | *.svc.* | *.cluster.local | *.cluster.local.) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+ip_address() {
+  case "$1" in
+    *:* | *[0-9].[0-9]*) [ -z "${1//[0-9a-fA-F:.]/}" ] ;;
+    *) return 1 ;;
+  esac
+}
+ask=()
+for v in "${proxy_vars[@]}"; do
+  h="$(proxy_host "${!v:-}")"
+  if [ -n "$h" ] && ! ip_address "$h" && ! cluster_name "$h"; then ask+=("$h"); fi
+done
+unknown=" "
+if [ "${#ask[@]}" -gt 0 ]; then
+  # shellcheck disable=SC2029 # expanded here on purpose, each name quoted for the remote shell
+  unknown+="$(ssh "${ssh_opts[@]}" "$ssh_host" "for n in$(printf ' %q' "${ask[@]}"); do
+    getent hosts \"\$n\" >/dev/null 2>&1 || [ \$? = 127 ] || printf '%s ' \"\$n\"; done" </dev/null)"
+fi
+dropped_std=0 kept_std=0
+for v in "${proxy_vars[@]}"; do
+  if [ -z "${!v:-}" ]; then continue; fi
+  h="$(proxy_host "${!v}")"
+  why=""
+  if cluster_name "$h"; then
+    why="$h is a name inside the cluster"
+  elif [[ "$unknown" == *" $h "* ]]; then
+    why="the build host cannot resolve $h"
+  fi
+  if [ -z "$why" ]; then
+    if [ "$v" != BUILDAH_HTTP_PROXY ]; then kept_std=1; fi
+    continue
+  fi
+  drop_env "$v" "$why (a proxy only the pod can reach)"
+  if [ "$v" = BUILDAH_HTTP_PROXY ]; then
+    if [ -n "${BUILDAH_NO_PROXY+set}" ]; then drop_env BUILDAH_NO_PROXY "it goes with BUILDAH_HTTP_PROXY"; fi
+  else
+    dropped_std=1
+  fi
+done
+if [ "$dropped_std" = 1 ] && [ "$kept_std" = 0 ]; then
+  for v in NO_PROXY no_proxy; do
+    if [ -n "${!v+set}" ]; then drop_env "$v" "it goes with the proxies not passed"; fi
+  done
+fi
 
 # The directories the build sees, each: <pod path> <name on the host> <rw|ro> <copy back: yes|no>
 dirs=()
+# Tekton's own /workspace (an emptyDir every step shares: scripts leave files there for
+# later steps), first: the directories mounted inside it are copied on their own
+if [ -d /workspace ]; then dirs+=(/workspace workspace rw yes); fi
 @DIRS@
 if [ -d /tekton/results ]; then dirs+=(/tekton/results results rw yes); fi
 if [ -d "${HOME:-/nonexistent}/.docker" ]; then dirs+=("$HOME/.docker" docker ro no); fi
+
+# Remote paths are passed with --protect-args: the remote shell never splits them.
+# A directory inside another one of dirs is copied on its own, not as part of that one.
+nested() {
+  local j=0
+  excl=()
+  while [ "$j" -lt "${#dirs[@]}" ]; do
+    case "${dirs[j]}" in
+      "$1"/*) excl+=(--exclude "/${dirs[j]#"$1"/}/") ;;
+    esac
+    j=$((j + 4))
+  done
+}
+to_host() { nested "$1"; rsync "${rsync_opts[@]}" "${excl[@]}" -s -e "$rsh" "$1/" "$ssh_host:$2/"; }
+from_host() { nested "$2"; rsync "${rsync_opts[@]}" "${excl[@]}" -s -e "$rsh" "$ssh_host:$1/" "$2/"; }
 
 mkdirs=("$remote/scripts" "$remote/out" "$remote/env")
 i=0
@@ -123,6 +209,12 @@ done
   printf 'RUN_OPTS=('; printf ' %q' "${run_opts[@]}"; printf ' )\n'
   printf 'ARGS=('; printf ' %q' "$@"; printf ' )\n'
 } > "$work/scripts/params.sh"
+# what comes back anyway: an OCI layout of the image the build left there is not sent twice
+i=0
+while [ "$i" -lt "${#dirs[@]}" ]; do
+  if [ "${dirs[i+3]}" = yes ]; then printf '%s\n' "${dirs[i]}"; fi
+  i=$((i + 4))
+done > "$work/scripts/back-dirs"
 
 echo "mpc: copying the build's inputs to $ssh_host" >&2
 to_host "$work/scripts" "$remote/scripts"
@@ -145,12 +237,20 @@ while [ "$i" -lt "${#dirs[@]}" ]; do
 done
 mkdir -p "$work/out"
 from_host "$remote/out" "$work/out"
-if [ -f "$work/out/image.tar" ]; then
-  storage=()
-  if [ -n "${STORAGE_DRIVER:-}" ]; then storage=(--storage-driver "$STORAGE_DRIVER"); fi
+# @IMAGE_LOAD@ begin
+storage=()
+if [ -n "${STORAGE_DRIVER:-}" ]; then storage=(--storage-driver "$STORAGE_DRIVER"); fi
+if [ -f "$work/out/image.layout" ]; then
+  # the build wrote the image as an OCI layout into a directory that came back above
+  layout="$(cat "$work/out/image.layout")"
+  id="$(buildah "${storage[@]}" pull -q "oci:$layout:$@IMAGE_VAR@")"
+  buildah "${storage[@]}" tag "$id" "$@IMAGE_VAR@"
+  echo "mpc: loaded $@IMAGE_VAR@ ($id) built on $ssh_host, from the OCI layout $layout" >&2
+elif [ -f "$work/out/image.tar" ]; then
   id="$(buildah "${storage[@]}" pull -q "oci-archive:$work/out/image.tar")"
   buildah "${storage[@]}" tag "$id" "$@IMAGE_VAR@"
   echo "mpc: loaded $@IMAGE_VAR@ ($id) built on $ssh_host" >&2
 fi
+# @IMAGE_LOAD@ end
 # shellcheck disable=SC2029
 ssh "${ssh_opts[@]}" "$ssh_host" "rm -rf $(q "$remote")" || true
