@@ -52,17 +52,9 @@ def build_platform(tr: dict) -> str | None:
     return platform
 
 
-def succeeded(obj: dict) -> bool | None:
-    """The ``Succeeded`` condition: True, False, or None while running / unknown."""
-    for cond in (obj.get("status") or {}).get("conditions") or ():
-        if isinstance(cond, dict) and cond.get("type") == "Succeeded":
-            s = cond.get("status")
-            return True if s == "True" else False if s == "False" else None
-    return None
-
-
 def is_done(obj: dict) -> bool:
-    return succeeded(obj) is not None
+    """Finished, successfully or not (``contract.succeeded``: the one condition parser)."""
+    return c.succeeded(obj) is not None
 
 
 def deleting(obj: dict) -> bool:
@@ -71,13 +63,6 @@ def deleting(obj: dict) -> bool:
 
 def has_finalizer(obj: dict) -> bool:
     return c.FINALIZER in ((obj.get("metadata") or {}).get("finalizers") or ())
-
-
-def condition_reason(obj: dict) -> str:
-    for cond in (obj.get("status") or {}).get("conditions") or ():
-        if isinstance(cond, dict) and cond.get("type") == "Succeeded":
-            return str(cond.get("reason") or "")
-    return ""
 
 
 def meta(obj: dict, key: str, default: Any = None) -> Any:

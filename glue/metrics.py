@@ -92,6 +92,10 @@ class Metrics:
         self.not_allowed = Counter(f"{PREFIX}_namespace_not_allowed",
                                    "Builds in namespaces the host pool does not allow",
                                    ["platform"], registry=r)
+        self.queue_timeouts = Counter(f"{PREFIX}_queue_timeouts",
+                                      "Builds that waited past the pool's maxWaitSeconds for "
+                                      "a free host (they get an error secret)",
+                                      ["platform"], registry=r)
         self.reconciles = Counter(f"{PREFIX}_reconciles", "Reconciles by outcome", ["outcome"],
                                   registry=r)
         self.runs_deleted = Counter(f"{PREFIX}_runs_garbage_collected",

@@ -65,6 +65,9 @@ DEPROVISION_PIPELINE = "mpc-deprovision"
 # waits: writes the error secret if nothing did (a cancelled run skips its finally)
 PROVISION_FAILED_PIPELINE = "mpc-provision-failed"
 SWEEP_TASK = "mpc-sweep"
+# PROVISION_STATUS of an mpc-provision-failed run the watcher starts for a build that
+# waited longer than the pool's maxWaitSeconds for a free host (no provisioning run ran)
+PROVISION_STATUS_QUEUE_TIMEOUT = "QueueTimeout"
 PIPELINE_PARAMS = ("TASKRUN_NAME", "TASKRUN_NAMESPACE", "TASKRUN_UID", "PLATFORM")
 DEPROVISION_PARAMS = ("TASKRUN_NAME", "TASKRUN_NAMESPACE", "TASKRUN_UID")
 TASKS_SERVICE_ACCOUNT = "mpc-tasks"             # runs the provisioning Tasks (writes secrets)
@@ -122,16 +125,26 @@ def waiter_name(taskrun_uid: str) -> str:
 
 
 # --- where a build is in its life ------------------------------------------------
-# The watcher and the runner must agree on when a build stops needing its host.
-# (The watcher's glue/detect.py still has its own copy of the condition parser.)
+# The watcher and the runner must agree on when a build stops needing its host:
+# this is the one parser of Tekton's Succeeded condition.
+def succeeded_condition(obj: dict | None) -> dict | None:
+    """A Tekton run's ``Succeeded`` condition, or None if it has none yet."""
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or ():
+        if isinstance(cond, dict) and cond.get("type") == "Succeeded":
+            return cond
+    return None
+
+
 def succeeded(obj: dict | None) -> bool | None:
     """A Tekton run's ``Succeeded`` condition: True or False once it has finished,
     None while it runs (status Unknown, or no condition yet)."""
-    for cond in ((obj or {}).get("status") or {}).get("conditions") or ():
-        if isinstance(cond, dict) and cond.get("type") == "Succeeded":
-            s = cond.get("status")
-            return True if s == "True" else False if s == "False" else None
-    return None
+    s = (succeeded_condition(obj) or {}).get("status")
+    return True if s == "True" else False if s == "False" else None
+
+
+def condition_reason(obj: dict | None) -> str:
+    """The reason of the ``Succeeded`` condition ("" while there is none)."""
+    return str((succeeded_condition(obj) or {}).get("reason") or "")
 
 
 def build_done(taskrun: dict | None, uid: str) -> str | None:

@@ -58,9 +58,15 @@ def cmd_error_secret(_: argparse.Namespace) -> int:
         return 0
     run = env("PIPELINERUN", "")
     status = env("PROVISION_STATUS", "Failed")
-    msg = (f"mpc could not provision a build host for platform {req.platform or '(unset)'}: the "
-           f"provisioning run {req.controller_namespace}/{run} ended with status {status}. "
-           "The platform team can read its logs; retry the build once the cause is fixed.")
+    if status == contract.PROVISION_STATUS_QUEUE_TIMEOUT:
+        msg = (f"no host of platform {req.platform or '(unset)'} became free within the host "
+               "pool's maxWaitSeconds: every slot stayed busy. Retry the build later or ask "
+               "the platform team for more capacity.")
+    else:
+        msg = (f"mpc could not provision a build host for platform {req.platform or '(unset)'}: "
+               f"the provisioning run {req.controller_namespace}/{run} ended with status "
+               f"{status}. The platform team can read its logs; retry the build once the "
+               "cause is fixed.")
     if buildsecret.write_error(kube, tr, msg, overwrite=False):
         log.event("error secret written", level="warning", reason=msg, name=req.taskrun_name,
                   namespace=req.taskrun_namespace, uid=req.taskrun_uid)

@@ -29,7 +29,10 @@ def test_watch_expired_relists_and_recovers(cluster, kube, tekton, watcher, name
     cluster.compact_etcd()
     api.stop()
     api.start()
-    wait_for("API server back", lambda: core.list_namespace(limit=1) is not None, timeout=120)
+    # Tekton's paths come back after the core ones (503 "before all known HTTP paths
+    # have been installed" until then)
+    wait_for("API server back", lambda: tekton.co.list_namespaced_custom_object(
+        "tekton.dev", "v1", namespace, "taskruns", limit=1) is not None, timeout=120)
     wait_for("watch expired seen", lambda: "watch expired, re-listing" in w.log_text(),
              timeout=120, log=w.log)
     b = tekton.create_tr(namespace, build_taskrun("after"))["metadata"]["uid"]

@@ -1,0 +1,92 @@
+"""Which waiting builds may start provisioning now: FIFO per platform, over free slots.
+
+Waiting happens here, in the watcher's memory, not in Task pods: a build of a
+full platform gets no provisioning run (no pod, no API polling) until a slot is
+free for it. Everything comes from the watch cache, so a queue of 1,000
+builds costs the API server nothing while it waits; see docs/queue.md.
+
+For a platform with static hosts, with F free slots (each host's current
+limit minus the slot Leases it holds; a draining host offers none) and R
+provisioning runs in flight that hold no slot yet, the oldest ``F - R``
+waiting builds are admitted. Order is the API server's creationTimestamp (one
+clock, whatever pod looks), then uid. The provisioning Task still takes its
+slot atomically, so a decision made on a cache a moment old can make a run
+wait briefly in its pod, never over-allocate a host.
+
+A build waits at most the pool's ``maxWaitSeconds`` (measured from its
+creationTimestamp); then it gets its answer: an error secret saying the
+platform stayed full.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from mpc.runner import contract as c
+from mpc.runner import hostpool
+
+from .store import Build, Store
+
+ADMIT, WAIT, TIMED_OUT = "admit", "wait", "timed-out"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: str
+    position: int = 0        # among the platform's waiting builds, 0 = oldest
+    waiting: int = 0
+    free: int = 0
+    timeout_in: float = 0.0  # seconds until a waiting build has waited maxWaitSeconds
+
+
+def _created(ts: str) -> float:
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def free_slots(pool: hostpool.Pool, platform: str, store: Store) -> int:
+    """Slots of ``platform`` nobody holds, never counting a host above its current limit."""
+    with store.lock:
+        used: dict[str, int] = {}
+        for s in store.slots.values():
+            used[s.host] = used.get(s.host, 0) + 1
+    return sum(max(0, h.concurrency - used.get(h.name, 0))
+               for h in pool.hosts_for(platform) if not h.drain)
+
+
+def waiting(b: Build, runs: dict) -> bool:
+    """Holds our finalizer, is not finished, and has neither a provisioning run nor its
+    answer for waiting too long (a provision-failed run)."""
+    return (b.ours and not b.finished and c.provision_run_name(b.uid) not in runs
+            and c.provision_failed_run_name(b.uid) not in runs)
+
+
+def decide(pool: hostpool.Pool | None, store: Store, uid: str, now: float) -> Decision:
+    """May build ``uid`` (which holds our finalizer and has no provisioning run) start now?"""
+    b = store.build(uid)
+    if (b is None or pool is None or not b.platform or b.platform in pool.local_platforms
+            or not pool.hosts_for(b.platform) or not pool.namespace_allowed(b.namespace)):
+        return Decision(ADMIT)      # the provisioning run answers at once (host or error)
+    free = free_slots(pool, b.platform, store)
+    with store.lock:
+        holders = {s.holder_uid for s in store.slots.values()}
+        queue, in_flight = [], 0
+        for o in store.builds.values():
+            if o.platform != b.platform or not o.ours or o.finished:
+                continue
+            run = store.runs.get(c.provision_run_name(o.uid))
+            if run is None:
+                if waiting(o, store.runs):
+                    queue.append((o.created, o.uid))
+            elif run.succeeded is None and o.uid not in holders:
+                in_flight += 1
+    queue.sort()
+    position = queue.index((b.created, uid)) if (b.created, uid) in queue else len(queue)
+    if position < free - in_flight:
+        return Decision(ADMIT, position, len(queue), free)
+    left = (_created(b.created) + pool.max_wait_seconds - now) if b.created else 1e9
+    if left <= 0:
+        return Decision(TIMED_OUT, position, len(queue), free)
+    return Decision(WAIT, position, len(queue), free, left)

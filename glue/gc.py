@@ -1,0 +1,44 @@
+"""Deleting mpc's finished runs, and starting the periodic sweep.
+
+Runs come from the watch cache: successful ones go at once, failed ones after
+--retention (so their logs can be read), and never a run whose build still
+holds our finalizer (its existence is the record that provisioning started).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from . import kube as k, objects
+from .config import Config
+from .kube import Kube
+from .metrics import Metrics
+from .reconcile import Reconciler
+from .store import Store
+
+log = logging.getLogger("mpc.glue")
+
+
+def collect_garbage(store: Store, rec: Reconciler, retention: float) -> None:
+    now = time.time()
+    with store.lock:
+        runs = list(store.runs.values())
+    for run in runs:
+        if run.succeeded is None:
+            continue
+        if not run.succeeded and (run.finished_at is not None
+                                  and now - run.finished_at < retention):
+            continue
+        if rec.holds_us(run.build_uid):
+            continue
+        rec.delete_run(run, "succeeded" if run.succeeded else "retention expired")
+
+
+def start_sweep(kube: Kube, cfg: Config, metrics: Metrics) -> None:
+    """One sweep TaskRun per interval bucket: restarts and standbys never double it."""
+    bucket = int(time.time() // cfg.sweep_interval)
+    if kube.create(k.taskruns(cfg.namespace), objects.sweep_run(
+            cfg.namespace, cfg.tasks_service_account, bucket,
+            bundle=cfg.sweep_bundle)) is not None:
+        metrics.sweeps.inc()
+        log.info("sweep started", extra={"fields": {"run": objects.sweep_run_name(bucket)}})

@@ -1,0 +1,197 @@
+"""The watcher's cache: what its watches said, trimmed to what a decision needs.
+
+Reconcile reads state from here, never from the API (controller-runtime's
+discipline): a build costs the writes it must make, not a read per event.
+Three kinds of objects are kept, each as a small view of the object:
+
+* ``Build``: a build TaskRun (one that asks for a platform, or holds our
+  finalizer), keyed by uid. TaskRuns that are not builds are not kept.
+* ``Run``: one of mpc's PipelineRuns in the controller namespace, by name.
+* ``Slot``: a host slot Lease the provisioning Tasks took, by name (the
+  watcher admits builds only while their platform has free slots).
+
+Write responses are stored like watch events, and a view never goes back to an
+older resourceVersion, so a decision made right after our own write sees it.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from mpc.runner import contract as c
+
+from . import detect, objects
+
+
+def _rv(obj: dict) -> int:
+    try:
+        return int(detect.meta(obj, "resourceVersion") or 0)
+    except ValueError:      # opaque versions: trust arrival order
+        return 0
+
+
+@dataclass
+class Build:
+    """What the watcher keeps of one build TaskRun (a few hundred bytes)."""
+
+    namespace: str
+    name: str
+    uid: str
+    platform: str | None = None
+    created: str = ""                    # creationTimestamp: the API server's clock, for FIFO
+    resource_version: str = ""
+    finalizers: tuple = ()
+    deleting: bool = False
+    done: bool = False
+    gone: bool = False                   # deleted (or replaced by a namesake)
+    first_seen: float = 0.0
+    reported: set = field(default_factory=set)   # Event reasons already posted
+
+    @property
+    def ours(self) -> bool:
+        return c.FINALIZER in self.finalizers
+
+    @property
+    def finished(self) -> bool:
+        return self.gone or self.done or self.deleting
+
+    def patch_target(self) -> dict:
+        """The metadata the guarded finalizer patches are computed from."""
+        return {"metadata": {"resourceVersion": self.resource_version,
+                             "finalizers": list(self.finalizers)}}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One of mpc's PipelineRuns (or sweep TaskRuns) as the watch last showed it."""
+
+    name: str
+    uid: str
+    role: str
+    build_uid: str
+    platform: str | None
+    succeeded: bool | None
+    reason: str
+    cancelled: bool
+    cancel_requested: str | None
+    finished_at: float | None
+    resource_version: int
+
+
+@dataclass(frozen=True)
+class Slot:
+    host: str
+    holder_uid: str
+
+
+class Store:
+    def __init__(self, cancel_annotation: str):
+        self.lock = threading.RLock()
+        self.builds: dict[str, Build] = {}
+        self.runs: dict[str, Run] = {}
+        self.slots: dict[str, Slot] = {}
+        self._cancel_ann = cancel_annotation
+        self._listing: dict[str, set] = {}
+
+    # --- builds -------------------------------------------------------------------
+    def put_taskrun(self, tr: dict, platform: str | None, now: float) -> Build:
+        md = tr.get("metadata") or {}
+        with self.lock:
+            b = self.builds.get(md["uid"])
+            if b is None:
+                b = self.builds[md["uid"]] = Build(md.get("namespace", ""), md.get("name", ""),
+                                                   md["uid"], first_seen=now)
+            elif _rv(tr) and b.resource_version.isdigit() and _rv(tr) < int(b.resource_version):
+                return b        # an older version than one we already stored
+            b.platform = platform or b.platform
+            b.created = md.get("creationTimestamp") or b.created
+            b.resource_version = md.get("resourceVersion", "")
+            b.finalizers = tuple(md.get("finalizers") or ())
+            b.deleting = detect.deleting(tr)
+            b.done = detect.is_done(tr)
+            b.gone = False
+            self._seen("builds", b.uid)
+            return b
+
+    def build(self, uid: str) -> Build | None:
+        with self.lock:
+            return self.builds.get(uid)
+
+    def mark_gone(self, uid: str) -> Build | None:
+        with self.lock:
+            b = self.builds.get(uid)
+            if b is not None:
+                b.gone = True
+            return b
+
+    def forget(self, uid: str) -> None:
+        with self.lock:
+            self.builds.pop(uid, None)
+
+    # --- runs -------------------------------------------------------------------
+    def put_run(self, obj: dict) -> Run | None:
+        md = obj.get("metadata") or {}
+        labels, ann = md.get("labels") or {}, md.get("annotations") or {}
+        status = obj.get("status") or {}
+        done_at = None
+        if c.succeeded(obj) is not None:
+            done_at = objects.parse_time(status.get("completionTime") or
+                                        (c.succeeded_condition(obj) or {}).get("lastTransitionTime"))
+        run = Run(md.get("name", ""), md.get("uid", ""), labels.get(c.LABEL_ROLE, "?"),
+                  labels.get(c.LABEL_TASKRUN_UID, ""), ann.get(c.ANN_PLATFORM),
+                  c.succeeded(obj), c.condition_reason(obj),
+                  (obj.get("spec") or {}).get("status") == "Cancelled",
+                  ann.get(self._cancel_ann), done_at, _rv(obj))
+        with self.lock:
+            old = self.runs.get(run.name)
+            if old is not None and old.uid == run.uid and run.resource_version < old.resource_version:
+                return old
+            self.runs[run.name] = run
+            self._seen("runs", run.name)
+        return run
+
+    def run(self, name: str) -> Run | None:
+        with self.lock:
+            return self.runs.get(name)
+
+    def drop_run(self, name: str) -> None:
+        with self.lock:
+            self.runs.pop(name, None)
+
+    # --- slots -------------------------------------------------------------------
+    def put_slot(self, lease: dict) -> Slot:
+        md = lease.get("metadata") or {}
+        labels = md.get("labels") or {}
+        s = Slot(labels.get(c.LABEL_HOST, ""), labels.get(c.LABEL_TASKRUN_UID, ""))
+        with self.lock:
+            self.slots[md.get("name", "")] = s
+            self._seen("slots", md.get("name", ""))
+        return s
+
+    def drop_slot(self, name: str) -> Slot | None:
+        with self.lock:
+            return self.slots.pop(name, None)
+
+    # --- full LISTs: what a relist did not show is gone ----------------------------
+    def _seen(self, kind: str, key: str) -> None:
+        for (k, _name), seen in self._listing.items():
+            if k == kind:
+                seen.add(key)
+
+    def list_started(self, kind: str, name: str) -> None:
+        with self.lock:
+            self._listing[(kind, name)] = set()
+
+    def list_ended(self, kind: str, name: str, owns) -> list[str]:
+        """Keys of ``kind`` that the LIST ``name`` covers (``owns(view)``) but did not show:
+        builds are marked gone, runs and slots dropped."""
+        with self.lock:
+            seen = self._listing.pop((kind, name), set())
+            table = getattr(self, kind)
+            missing = [k for k, v in table.items() if k not in seen and owns(v)]
+            for k in missing:
+                if kind == "builds":
+                    table[k].gone = True
+                else:
+                    del table[k]
+            return missing
