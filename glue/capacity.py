@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mpc.runner import contract as c
-from mpc.runner import hostpool
+from mpc.runner import hostpool, slots
 
 from .store import Build, Store
 
@@ -47,13 +47,10 @@ def _created(ts: str) -> float:
 
 
 def free_slots(pool: hostpool.Pool, platform: str, store: Store) -> int:
-    """Slots of ``platform`` nobody holds, never counting a host above its current limit."""
+    """Free slots of ``platform``: the Tasks' own rule (``slots.free_slots``) on the cache."""
     with store.lock:
-        used: dict[str, int] = {}
-        for s in store.slots.values():
-            used[s.host] = used.get(s.host, 0) + 1
-    return sum(max(0, h.concurrency - used.get(h.name, 0))
-               for h in pool.hosts_for(platform) if not h.drain)
+        held = list(store.slots.values())
+    return sum(slots.free_slots(pool.hosts_for(platform), held).values())
 
 
 def waiting(b: Build, runs: dict) -> bool:
