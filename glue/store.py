@@ -7,7 +7,7 @@ Three kinds of objects are kept, each as a small view of the object:
 * ``Build``: a build TaskRun (one that asks for a platform, or holds our
   finalizer), keyed by uid. TaskRuns that are not builds are not kept.
 * ``Run``: one of mpc's PipelineRuns in the controller namespace, by name.
-* ``Slot``: a host slot Lease the provisioning Tasks took, by name (the
+* ``SlotLease``: a host slot Lease the provisioning Tasks took, by name (the
   watcher admits builds only while their platform has free slots).
 
 Write responses are stored like watch events, and a view never goes back to an
@@ -79,7 +79,7 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Slot:
+class SlotLease:
     host: str
     holder_uid: str
 
@@ -89,7 +89,7 @@ class Store:
         self.lock = threading.RLock()
         self.builds: dict[str, Build] = {}
         self.runs: dict[str, Run] = {}
-        self.slots: dict[str, Slot] = {}
+        self.slots: dict[str, SlotLease] = {}
         self._cancel_ann = cancel_annotation
         self._listing: dict[str, set] = {}
 
@@ -159,16 +159,16 @@ class Store:
             self.runs.pop(name, None)
 
     # --- slots -------------------------------------------------------------------
-    def put_slot(self, lease: dict) -> Slot:
+    def put_slot(self, lease: dict) -> SlotLease:
         md = lease.get("metadata") or {}
         labels = md.get("labels") or {}
-        s = Slot(labels.get(c.LABEL_HOST, ""), labels.get(c.LABEL_TASKRUN_UID, ""))
+        s = SlotLease(labels.get(c.LABEL_HOST, ""), labels.get(c.LABEL_TASKRUN_UID, ""))
         with self.lock:
             self.slots[md.get("name", "")] = s
             self._seen("slots", md.get("name", ""))
         return s
 
-    def drop_slot(self, name: str) -> Slot | None:
+    def drop_slot(self, name: str) -> SlotLease | None:
         with self.lock:
             return self.slots.pop(name, None)
 
