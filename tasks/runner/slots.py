@@ -40,6 +40,7 @@ older waiter never blocks a younger one on a host it cannot use itself.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import time
 from collections import Counter
@@ -123,15 +124,21 @@ def target_annotations(host: Host) -> dict[str, str]:
 
 def _target(name: str, ann: dict[str, str]) -> Host | None:
     """The host a slot recorded, validated like a pool entry (None if incomplete/invalid)."""
+    keys = (contract.ANN_ADDRESS, contract.ANN_ADMIN_USER, contract.ANN_ADMIN_SECRET,
+            contract.ANN_PORT, contract.ANN_PLATFORM, contract.ANN_HOST_KEY)
+    return _validated_target(name, *(ann.get(k, "") for k in keys))
+
+
+@functools.lru_cache(maxsize=4096)
+def _validated_target(name: str, address: str, user: str, secret: str, port: str,
+                      platform: str, host_key: str) -> Host | None:
     try:
-        entry = {"name": name, "address": ann[contract.ANN_ADDRESS],
-                 "user": ann[contract.ANN_ADMIN_USER], "secret": ann[contract.ANN_ADMIN_SECRET],
-                 "port": int(ann.get(contract.ANN_PORT, "22")),
-                 "platform": ann.get(contract.ANN_PLATFORM, ""), "concurrency": 1}
-        if ann.get(contract.ANN_HOST_KEY):
-            entry["hostKey"] = ann[contract.ANN_HOST_KEY]
+        entry = {"name": name, "address": address, "user": user, "secret": secret,
+                 "port": int(port or "22"), "platform": platform, "concurrency": 1}
+        if host_key:
+            entry["hostKey"] = host_key
         return from_document({"hosts": [entry]}).hosts[0]
-    except (KeyError, ValueError, PoolError):
+    except (ValueError, PoolError):
         return None
 
 
