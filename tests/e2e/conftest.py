@@ -122,3 +122,13 @@ def e2e_make_host(host_farm, e2e_node):
     yield make
     for h in made:
         h.destroy()
+
+
+@pytest.fixture(scope="session")
+def mpc(e2e_node, e2e_kube, host_farm, tmp_path_factory):
+    """mpc as ``make release`` builds it, installed on the node (``install.installed``):
+    built and installed once per session, for the mpc e2e and the soak alike. Tests that
+    change the install (pool, Deployment) put it back as they found it."""
+    from .install import installed
+    with installed(e2e_node, e2e_kube, host_farm, tmp_path_factory) as inst:
+        yield inst
