@@ -68,6 +68,11 @@ test: deps venv upstream rootfs ## install everything and run the whole suite
 bench: deps venv upstream rootfs ## run the benchmarks; they print figures
 	$(PY) -m pytest -m bench -s -p no:randomly tests/bench $(PYTEST_ARGS)
 
+.PHONY: soak
+soak: deps venv upstream rootfs ## fault-injection soak on the e2e node: MPC_SOAK_BUILDS (500) builds, prints figures (MPC_SOAK_SEED replays)
+	MPC_SOAK_BUILDS=$${MPC_SOAK_BUILDS:-500} $(PY) -m pytest -m e2e -s -p no:randomly \
+	  tests/e2e/test_soak.py $(PYTEST_ARGS)
+
 .PHONY: clean
 clean: ## remove the venv (the cache in $(MPC_CACHE) stays)
 	rm -rf $(VENV) *.egg-info
