@@ -27,8 +27,9 @@ What the transformation touches:
   image variable get the IMAGE_APPEND_PLATFORM snippet after their ``#!`` line.
 
 What the wrapper needs in the pod: bash, ssh, rsync (and buildah, to load the
-image); on the host: rsync and podman, rootless or granted through ``sudo -n
-podman``.
+image; python3 for the registry proxy that keeps registry credentials in the
+pod: templates/registry-proxy.py); on the host: rsync and podman, rootless or
+granted through ``sudo -n podman``.
 """
 from __future__ import annotations
 
@@ -170,6 +171,7 @@ def wrapper_script(*, original: str, image_var: str | None, dirs: list[tuple[str
         "@PODMAN_OPTS@\n": "".join(x + "\n" for x in opt_lines),
         "@RUNNER@": _template("buildah-remote-runner.sh").rstrip("\n"),
         "@HOST_SCRIPT@": _template("buildah-remote-host.sh").rstrip("\n"),
+        "@REGISTRY_PROXY@": _template("registry-proxy.py").rstrip("\n"),
         "@USER_LABEL@": contract.LABEL_BUILD_USER,
         "@EOF_MARK@": _heredoc_mark(original),
     }

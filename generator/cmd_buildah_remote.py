@@ -32,8 +32,9 @@ indentation):
   * the build step's script becomes a wrapper. It fails at once with the
     secret's error; for host "localhost" it runs the original script in the pod;
     otherwise it copies the workspaces, the step's volumes, Tekton's /workspace
-    directory, /tekton/results and $HOME/.docker to the host with rsync over
-    SSH (host key pinned when known_hosts is given), runs the
+    directory and /tekton/results to the host with rsync over SSH (host key
+    pinned when known_hosts is given; registry credentials never: the host
+    pulls through a pull-only proxy in the pod, forwarded over SSH), runs the
     ORIGINAL script unchanged in `podman run` of the step's image there (same
     env, each value quoted; same mount paths, args, user, working directory,
     capabilities), copies back the workspaces, writable volumes, /workspace

@@ -42,7 +42,9 @@ else
   echo "mpc: warning: the secret has no known_hosts; the host key is not verified" >&2
   ssh_opts+=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null)
 fi
+proxy_pid=""
 cleanup() {
+  if [ -n "$proxy_pid" ]; then kill "$proxy_pid" 2>/dev/null || true; fi
   ssh "${ssh_opts[@]}" -O exit "$ssh_host" 2>/dev/null || true
   rm -rf "$work"
 }
@@ -128,7 +130,6 @@ dirs=()
 if [ -d /workspace ]; then dirs+=(/workspace workspace rw yes); fi
 @DIRS@
 if [ -d /tekton/results ]; then dirs+=(/tekton/results results rw yes); fi
-if [ -d "${HOME:-/nonexistent}/.docker" ]; then dirs+=("$HOME/.docker" docker ro no); fi
 
 # Remote paths are passed with --protect-args: the remote shell never splits them.
 # A directory inside another one of dirs is copied on its own, not as part of that one.
@@ -168,6 +169,45 @@ chmod 0755 "$work/scripts/run" "$work/scripts/build"
 run_opts=(--user "$(id -u):$(id -g)" --workdir "$PWD"
   -v "$remote/scripts:/mpc/scripts:ro,Z" -v "$remote/out:/mpc/out:Z" -v /var/lib/containers)
 @PODMAN_OPTS@
+
+# Registry credentials stay in this pod. The build host pulls from the
+# registries the pod has credentials for through a pull-only proxy running
+# here (it answers the registries' challenges itself), on a port forwarded
+# back over this SSH connection: the one listen the build key's
+# authorized_keys allows (permitlisten). The builder container finds it
+# through a registries.conf mirror (with a random path only this build
+# knows), in the host's network namespace where that port listens.
+if [ -s "$ssh_dir/registry-port" ]; then
+  registry_port="$(cat "$ssh_dir/registry-port")"
+  if command -v python3 >/dev/null 2>&1; then
+    mkdir -m 0700 "$work/proxy"
+    cat > "$work/registry-proxy.py" <<'MPC_PROXY_EOF'
+@REGISTRY_PROXY@
+MPC_PROXY_EOF
+    python3 "$work/registry-proxy.py" "$work/proxy" "$registry_port" </dev/null &
+    proxy_pid=$!
+    n=0
+    while [ ! -f "$work/proxy/port" ] && [ ! -f "$work/proxy/none" ] && kill -0 "$proxy_pid" 2>/dev/null \
+      && [ "$n" -lt 300 ]; do
+      sleep 0.1
+      n=$((n + 1))
+    done
+    if [ -f "$work/proxy/port" ]; then
+      if ssh "${ssh_opts[@]}" -o ExitOnForwardFailure=yes -O forward \
+        -R "127.0.0.1:$registry_port:127.0.0.1:$(cat "$work/proxy/port")" "$ssh_host"; then
+        cp "$work/proxy/registries.conf" "$work/scripts/registries.conf"
+        run_opts+=(--network host
+          -v "$remote/scripts/registries.conf:/etc/containers/registries.conf.d/zz-mpc-pod-registries.conf:ro,Z")
+      else
+        echo "mpc: warning: the build host refused to forward port $registry_port; pulls that need the pod's registry credentials will fail" >&2
+      fi
+    elif [ ! -f "$work/proxy/none" ]; then
+      echo "mpc: warning: the registry proxy did not start; pulls that need the pod's registry credentials will fail" >&2
+    fi
+  else
+    echo "mpc: warning: no python3 in the step image, so no registry proxy: pulls that need the pod's registry credentials will fail (they never go to the host)" >&2
+  fi
+fi
 # The env reaches podman in a file (--env-file) that only the build user and
 # root can read, never on a command line: every user of the host can read
 # every process's command line. One NAME=value a line, the value verbatim;

@@ -2,7 +2,8 @@
 
 ``multi-platform-ssh-<taskrun>`` in the build's namespace, owned by the
 TaskRun (so it dies with it) and labelled as mpc's. Keys, as Konflux's
-buildah-remote expects: ``id_rsa``, ``host``, ``user-dir`` (+ ``known_hosts``),
+buildah-remote expects: ``id_rsa``, ``host``, ``user-dir`` (+ ``known_hosts``, and
+``registry-port`` for an mpc build user: the port its key may forward),
 or only ``error``.
 
 The Tasks' account may not ``get`` Secrets outside the controller namespace
@@ -92,6 +93,9 @@ def write(kube: Kube, taskrun: dict, data: dict[str, str | bytes], overwrite: bo
     Returns False when a secret was present and left as it was.
     """
     m = taskrun["metadata"]
+    user = str(data.get(contract.KEY_HOST, "")).partition("@")[0]
+    if contract.USER_RE.match(user) and contract.KEY_REGISTRY_PORT not in data:
+        data = {**data, contract.KEY_REGISTRY_PORT: str(contract.registry_port(user))}
     body = _body(taskrun, data)
     for _ in range(3):
         try:

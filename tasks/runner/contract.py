@@ -23,6 +23,7 @@ KEY_HOST = "host"              # <user>@<address>, or "localhost"
 KEY_USER_DIR = "user-dir"
 KEY_KNOWN_HOSTS = "known_hosts"
 KEY_ERROR = "error"            # alone: why no host could be provided
+KEY_REGISTRY_PORT = "registry-port"   # the one port the build key may listen on (ssh -R)
 LOCALHOST = "localhost"
 
 # --- labels/annotations on everything mpc creates ---------------------------------
@@ -104,6 +105,18 @@ def build_user(namespace: str, taskrun_name: str, taskrun_uid: str) -> str:
 
 
 USER_RE = re.compile(r"^u-[0-9a-f]{24}$")
+
+# The build key may listen on exactly one port of the host's loopback (authorized_keys
+# permitlisten): buildah-remote forwards its in-pod registry proxy there, so that registry
+# credentials never reach the host. Below Linux's ephemeral range (32768-60999).
+REGISTRY_PORT_BASE, REGISTRY_PORT_COUNT = 10240, 22528
+
+
+def registry_port(user: str) -> int:
+    """The loopback port build user ``user`` may listen on (a function of the name only:
+    provisioning writes it into authorized_keys, the secret hands it to the build)."""
+    h = int(hashlib.sha256(user.encode()).hexdigest()[:8], 16)
+    return REGISTRY_PORT_BASE + h % REGISTRY_PORT_COUNT
 
 
 def slot_name(host: str, index: int) -> str:

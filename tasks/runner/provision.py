@@ -102,7 +102,8 @@ def create_user(kube: Kube, req: Request, host: Host, user: str, public_key: str
     """Create the build user on ``host``: returns (user dir, pinned known_hosts line, round trips)."""
     with hostkeys.session(kube, req.controller_namespace, host) as s:
         out = s.run(script("provision-user.sh", BUILD_USER=user, PUBLIC_KEY=public_key,
-                           SUDO_RULE=sudo_rule(host), LIMIT_LINES=limit_lines(host, user)))
+                           SUDO_RULE=sudo_rule(host), LIMIT_LINES=limit_lines(host, user),
+                           REGISTRY_PORT=str(contract.registry_port(user))))
         dirs = parse_output(out, "MPC_USER_DIR")
         if not dirs:
             raise HostError(host.name, "provisioning script did not report the user's home")

@@ -1,11 +1,16 @@
 """Fixtures for the generator tests: a real build host with a build user and a step image."""
 from __future__ import annotations
 
+import hashlib
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.infra import paths
 from tests.infra.sshhosts import SSHHost, add_user
 
 STEP_IMAGE = "localhost/mpc-test-buildah:1"
@@ -76,3 +81,46 @@ def pod_rootfs(host_farm) -> Path:
     """The extracted SSH-host rootfs: the pod's root (lower dir of an overlay)."""
     host_farm._extract()
     return host_farm.base
+
+
+# Python 3 in the pod's step image (Konflux's buildah images, UBI-based, have it):
+# buildah-remote's registry proxy runs on it. The Debian packages the SSH-host
+# rootfs lacks, unpacked into one overlay layer, cached.
+PYTHON_DEBS = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
+               "libexpat1", "libffi8", "libbz2-1.0", "liblzma5", "libuuid1", "media-types")
+
+
+def python_layer() -> Path:
+    key = hashlib.sha256(" ".join(PYTHON_DEBS).encode() + b"merged-usr").hexdigest()[:12]
+    out = paths.cache_dir() / "pod-layers" / f"python3-{key}"
+    if out.exists():
+        return out
+    debs = paths.cache_dir() / "rootfs" / "debs"
+    have = {d.name.split("_")[0]: d for d in debs.glob("*_amd64.deb")}
+    have.update({d.name.split("_")[0]: d for d in debs.glob("*_all.deb")})
+    missing = [p for p in PYTHON_DEBS if p not in have]
+    if missing:          # Debian's archive, through apt's own client
+        debs.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True,
+                       capture_output=True)
+        have.update({d.name.split("_")[0]: d for d in debs.glob("*.deb")})
+    tmp = Path(tempfile.mkdtemp(dir=out.parent.parent, prefix="pod-layer-"))
+    for p in PYTHON_DEBS:
+        subprocess.run(["dpkg-deb", "-x", str(have[p]), str(tmp)], check=True)
+    for d in ("bin", "sbin", "lib", "lib64"):   # merged /usr: those are symlinks in the rootfs
+        if (tmp / d).is_dir() and not (tmp / d).is_symlink():
+            subprocess.run(["cp", "-a", f"{tmp / d}/.", str(tmp / "usr" / d)], check=True)
+            shutil.rmtree(tmp / d)
+    (tmp / "usr/bin/python3").symlink_to("python3.11")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out)
+    except OSError:       # another session made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@pytest.fixture
+def pod_python() -> list[Path]:
+    """Layers for podsim's Pod(layers=...): the step image with python3."""
+    return [python_layer()]

@@ -36,6 +36,7 @@ class Pod:
     params: dict
     taskrun: str = "tr-test"
     sources: dict[str, Path] = field(default_factory=dict)  # volume name -> dir standing in for it
+    layers: list[Path] = field(default_factory=list)  # more of the step image, over the rootfs
 
     def __post_init__(self):
         for d in ("upper", "work", "root", "results", "vol"):
@@ -119,7 +120,8 @@ class Pod:
         q = lambda p: shlex.quote(str(p))  # noqa: E731
         lines = [
             "set -eu",
-            f"mount -t overlay overlay -o lowerdir={q(self.rootfs)},upperdir={q(upper)},"
+            f"mount -t overlay overlay -o lowerdir={':'.join(q(p) for p in [*self.layers, self.rootfs])},"
+            f"upperdir={q(upper)},"
             f"workdir={q(self.dir / 'work')} {q(root)}",
             f"mount -t proc proc {q(root)}/proc",
             f"mount --rbind /dev {q(root)}/dev",

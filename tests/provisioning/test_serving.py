@@ -42,12 +42,16 @@ def test_four_builds_served_fifth_waits_fifo(controller, kube, namespace, make_h
 
     for i, tr in enumerate(trs):
         s = read_secret(kube, tr)
-        assert set(s) == {"id_rsa", "host", "user-dir", "known_hosts"}
+        assert set(s) == {"id_rsa", "host", "user-dir", "known_hosts", "registry-port"}
         user, _, address = s["host"].partition("@")
         assert user == contract.build_user(namespace, tr["metadata"]["name"], tr["metadata"]["uid"])
         host = next(h for h in hosts if h.address == address)
         assert s["known_hosts"].strip() == host.known_hosts_line
         assert s["user-dir"] == f"/home/{user}"
+        # the key's one allowed listen (buildah-remote's registry proxy) is the secret's port
+        assert s["registry-port"] == str(contract.registry_port(user))
+        assert f'permitlisten="127.0.0.1:{s["registry-port"]}"' in host.exec(
+            f"cat /home/{user}/.ssh/authorized_keys").stdout
         out = login(s, tmp_path / str(i), "id -un; pwd; sudo -n /usr/bin/id -u")
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == [user, s["user-dir"], "0"]

@@ -4,6 +4,8 @@
 #   PUBLIC_KEY   the build key's public half (generated in the pod)
 #   SUDO_RULE    "" or the sudoers command list for this user
 #   LIMIT_LINES  "" or pam_limits lines for this user
+#   REGISTRY_PORT "" or the one loopback port the key may listen on (ssh -R), for
+#                buildah-remote's registry proxy (credentials stay in the pod)
 #
 # The user must not exist yet: provisioning never writes into a home that a
 # build user has had its hands on (a symlink planted there, ~/.ssh -> /etc or
@@ -51,8 +53,17 @@ fi
 sudo -n cp -R --preserve=mode --no-dereference /etc/skel/. "$home/"
 sudo -n chmod 0700 "$home"    # copying skel/. gave it skel's mode
 sudo -n mkdir -m 0700 "$home/.ssh"
-# restrict: no agent, X11 or port forwarding, no pty, no ~/.ssh/rc
-printf 'restrict %s\n' "$PUBLIC_KEY" | sudo -n tee "$home/.ssh/authorized_keys" >/dev/null
+# restrict: no agent, X11 or port forwarding, no pty, no ~/.ssh/rc. With REGISTRY_PORT,
+# forwarding comes back for exactly one remote listen, 127.0.0.1:REGISTRY_PORT
+# (permitlisten); local forwards (-L, -W) may only open 255.255.255.255:1, which
+# never connects. (OpenSSH has no per-key option for remote Unix-socket listens; a
+# host admin who wants none sets AllowStreamLocalForwarding no in sshd_config.)
+options=restrict
+if [ -n "${REGISTRY_PORT:-}" ]; then
+  case "$REGISTRY_PORT" in *[!0-9]*) fail "REGISTRY_PORT is not a port: $REGISTRY_PORT" ;; esac
+  options+=",port-forwarding,permitlisten=\"127.0.0.1:$REGISTRY_PORT\",permitopen=\"255.255.255.255:1\""
+fi
+printf '%s %s\n' "$options" "$PUBLIC_KEY" | sudo -n tee "$home/.ssh/authorized_keys" >/dev/null
 sudo -n chmod 0600 "$home/.ssh/authorized_keys"
 sudo -n chown -hR "$BUILD_USER:" "$home"
 
