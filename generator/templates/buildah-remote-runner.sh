@@ -24,6 +24,15 @@ if [ -n "${MPC_EXPORT_IMAGE:-}" ]; then
     echo "mpc: no local image $MPC_EXPORT_IMAGE after the build: nothing to bring back" >&2
     exit 0
   fi
+  # Working containers of the built image the script left mounted (older build
+  # scripts hand `buildah mount`'s path to later steps): the pod makes its own.
+  mpc_image_id="$(buildah "$@" inspect --type image --format '{{.FromImageID}}' "$MPC_EXPORT_IMAGE")"
+  buildah "$@" mount 2>/dev/null | while read -r mpc_name mpc_path; do
+    if [ "$(buildah "$@" inspect --type container --format '{{.FromImageID}}' "$mpc_name" 2>/dev/null)" \
+      = "$mpc_image_id" ]; then
+      printf '%s\t%s\n' "$mpc_name" "$mpc_path"
+    fi
+  done > /mpc/out/containers
   # The build may have saved the image itself as an OCI layout (buildah push
   # "$IMAGE" oci:<dir>:"$IMAGE") in a directory that goes back to the pod: then
   # the pod loads it from there, and the image crosses the network once.

@@ -291,6 +291,28 @@ elif [ -f "$work/out/image.tar" ]; then
   buildah "${storage[@]}" tag "$id" "$@IMAGE_VAR@"
   echo "mpc: loaded $@IMAGE_VAR@ ($id) built on $ssh_host" >&2
 fi
+if [ -s "$work/out/containers" ]; then
+  # The build left working containers of the image mounted, and files naming their
+  # host paths: the pod gets the same containers (same names), mounted here, and
+  # the files that came back name the pod's paths instead.
+  while IFS=$'\t' read -r cname cpath; do
+    buildah "${storage[@]}" rm "$cname" >/dev/null 2>&1 || true
+    buildah "${storage[@]}" from --name "$cname" --pull-never "$@IMAGE_VAR@" >/dev/null
+    pod_path="$(buildah "${storage[@]}" mount "$cname")"
+    i=0
+    while [ "$i" -lt "${#dirs[@]}" ]; do
+      if [ "${dirs[i+3]}" = yes ]; then
+        { grep -rlF -- "$cpath" "${dirs[i]}" 2>/dev/null || :; } | while IFS= read -r f; do
+          content="$(cat "$f"; printf x)"
+          content="${content%x}"
+          printf '%s' "${content//"$cpath"/"$pod_path"}" > "$f"
+        done
+      fi
+      i=$((i + 4))
+    done
+    echo "mpc: working container $cname of $@IMAGE_VAR@ mounted at $pod_path (on $ssh_host: $cpath)" >&2
+  done < "$work/out/containers"
+fi
 # @IMAGE_LOAD@ end
 # shellcheck disable=SC2029
 ssh "${ssh_opts[@]}" "$ssh_host" "rm -rf $(q "$remote")" || true
