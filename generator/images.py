@@ -98,7 +98,12 @@ def base_tarball(log=print) -> Path:
         part = out.with_name(f".{out.name}.{os.getpid()}")
         _run(["tar", "-C", str(root), "--numeric-owner", "--sort=name", "--mtime=@0",
               "-cf", str(part), "."], "tar of the base")
+        try:
         os.replace(part, out)
+    except OSError:
+        if not out.exists():
+            raise
+        shutil.rmtree(part, ignore_errors=True)   # a concurrent run made the same key first
     return out
 
 
@@ -154,7 +159,12 @@ def wheelhouse(log=print) -> Path:
               "--constraint", str(cfile), str(src)], "pip wheel", env=env, cwd=tmp)
         _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest",
               str(part), f"pip=={PIP_VERSION}"], "pip download pip", env=env)
-    os.replace(part, out)
+    try:
+        os.replace(part, out)
+    except OSError:
+        if not out.exists():
+            raise
+        shutil.rmtree(part, ignore_errors=True)   # a concurrent run made the same key first
     return out
 
 
