@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from kubernetes import client
+
 from . import buildsecret, contract, log
 from .deprovision import deprovision, sweep
 from .hostpool import PoolError, parse_yaml
@@ -45,6 +47,30 @@ def cmd_provision(_: argparse.Namespace) -> int:
     return 0
 
 
+def failure_cause(kube: Kube, namespace: str, run: str) -> str:
+    """Why a provisioning PipelineRun failed, in Tekton's words: the message of each failed
+    child TaskRun (e.g. a step killed with exit code 137, a pod deleted), else of the run."""
+    try:
+        pr = kube.custom.get_namespaced_custom_object("tekton.dev", "v1", namespace,
+                                                      "pipelineruns", run)
+    except client.ApiException as e:
+        log.event("cannot read the failed run", level="warning", run=run, status=e.status)
+        return ""
+    causes = []
+    for ref in (pr.get("status") or {}).get("childReferences") or ():
+        if ref.get("kind") != "TaskRun" or not ref.get("name"):
+            continue
+        child = kube.taskrun(namespace, ref["name"])
+        if contract.succeeded(child) is False:
+            message = (contract.succeeded_condition(child) or {}).get("message", "")
+            causes.append(f"{ref.get('pipelineTaskName') or ref['name']}: "
+                          f"{contract.condition_reason(child)} ({message.strip()})")
+    if not causes:
+        message = (contract.succeeded_condition(pr) or {}).get("message", "")
+        causes = [message.strip()] if message.strip() else []
+    return "; ".join(causes)[:600]
+
+
 def cmd_error_secret(_: argparse.Namespace) -> int:
     """Finally of the provisioning Pipeline: the provision task failed without an answer."""
     kube = Kube.connect()
@@ -63,10 +89,11 @@ def cmd_error_secret(_: argparse.Namespace) -> int:
                "pool's maxWaitSeconds: every slot stayed busy. Retry the build later or ask "
                "the platform team for more capacity.")
     else:
+        cause = failure_cause(kube, req.controller_namespace, run) if run else ""
         msg = (f"mpc could not provision a build host for platform {req.platform or '(unset)'}: "
                f"the provisioning run {req.controller_namespace}/{run} ended with status "
-               f"{status}. The platform team can read its logs; retry the build once the "
-               "cause is fixed.")
+               f"{status}{': ' + cause if cause else ''}. The platform team can read its logs; "
+               "retry the build once the cause is fixed.")
     if buildsecret.write_error(kube, tr, msg, overwrite=False):
         log.event("error secret written", level="warning", reason=msg, name=req.taskrun_name,
                   namespace=req.taskrun_namespace, uid=req.taskrun_uid)
