@@ -98,12 +98,7 @@ def base_tarball(log=print) -> Path:
         part = out.with_name(f".{out.name}.{os.getpid()}")
         _run(["tar", "-C", str(root), "--numeric-owner", "--sort=name", "--mtime=@0",
               "-cf", str(part), "."], "tar of the base")
-        try:
         os.replace(part, out)
-    except OSError:
-        if not out.exists():
-            raise
-        shutil.rmtree(part, ignore_errors=True)   # a concurrent run made the same key first
     return out
 
 
