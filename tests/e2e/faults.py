@@ -92,20 +92,3 @@ def host_on(host: SSHHost, node: Node) -> None:
     subprocess.run(["ip", "-n", node.netns, "link", "set", host.veth, "up"], check=True,
                    capture_output=True)
 
-
-def processes(host: SSHHost) -> list[tuple[int, set[int], str]]:
-    """(pid, uids, command line) of every live process in the host's PID namespace."""
-    out = []
-    for d in host.path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            status = (d / "status").read_text()
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        fields = dict(ln.split(":", 1) for ln in status.splitlines() if ":" in ln)
-        if fields.get("State", "Z").split()[0] in ("Z", "X"):
-            continue
-        out.append((int(d.name), {int(u) for u in fields["Uid"].split()}, cmd))
-    return out

@@ -338,7 +338,7 @@ class Soak:
     def host_view(self, h) -> tuple[list[str], list[tuple[int, set[int], str]]] | None:
         try:
             users = [u for u in h.users() if c.USER_RE.match(u)]
-            procs = [p for p in faults.processes(h)
+            procs = [p for p in h.processes()
                      if any(u >= BUILD_USER_MIN_UID for u in p[1]) or "sleep 36" in p[2]
                      or "conmon" in p[2]]
             return users, procs

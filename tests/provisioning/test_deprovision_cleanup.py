@@ -10,7 +10,6 @@ range for the next build user.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import yaml
 
@@ -52,23 +51,6 @@ tar -C / -chf - usr/bin/sleep lib/x86_64-linux-gnu/libc.so.6 lib64/ld-linux-x86-
 podman run -d localhost/sleeper:1 /usr/bin/sleep 3601 >/dev/null
 """
 
-
-def processes(h) -> list[tuple[int, set[int], str]]:
-    """(pid, uids, command line) of every live process in the host's PID namespace."""
-    out = []
-    for d in h.path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            status = (d / "status").read_text()
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        fields = dict(ln.split(":", 1) for ln in status.splitlines() if ":" in ln)
-        if fields["State"].split()[0] in ("Z", "X"):
-            continue
-        out.append((int(d.name), {int(u) for u in fields["Uid"].split()}, cmd))
-    return out
 
 
 def test_deprovisioning_leaves_no_process_container_or_subuid_of_the_build(
@@ -119,7 +101,7 @@ chown {user}: "$d/storage.conf"
         sleeper = h.ssh(SLEEPER, user=user, key=key, timeout=120, check=False)
         assert sleeper.returncode == 0, sleeper.stderr
 
-        before = processes(h)
+        before = h.processes()
         rootless = [p for p in before if p[2] == "/usr/bin/sleep 3601"]
         rootful = [p for p in before if p[2] == "sleep 3602"]
         assert len(rootless) == 1 and mine(rootless[0][1]) and uid not in rootless[0][1], rootless
@@ -131,7 +113,7 @@ chown {user}: "$d/storage.conf"
         r = controller.deprovision(tr)
         assert r.results["removed-users"] == "1"
 
-        left = [p for p in processes(h) if mine(p[1]) or "sleep 360" in p[2]]
+        left = [p for p in h.processes() if mine(p[1]) or "sleep 360" in p[2]]
         assert left == [], left
         assert h.exec("podman ps -a -q").stdout.strip() == ""
         assert user not in h.users()
