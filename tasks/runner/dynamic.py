@@ -252,7 +252,7 @@ def provision(kube: Kube, req, pool: Pool, dyn: Dynamic, taskrun: dict, poll: fl
             if dyn.max_instances_per_namespace and ns_place is None:
                 ns_place = records.take_namespace_place(dyn, holder)
             ns_ok = not dyn.max_instances_per_namespace or ns_place is not None
-            if ns_ok and slots.position(holder) < free_capacity(records, dyn):
+            if ns_ok and _position(slots, records, dyn, holder) < free_capacity(records, dyn):
                 vm, place = claim(records, dyn, holder)
                 if vm is None:
                     vm, place, why = launch_ready(kube, ns, provider, records, dyn, holder)
@@ -322,6 +322,29 @@ def provision(kube: Kube, req, pool: Pool, dyn: Dynamic, taskrun: dict, poll: fl
         return Outcome("gone")
     finally:
         slots.dequeue(holder.uid)
+
+
+def _position(slots: Slots, records: Records, dyn: Dynamic, holder: Holder) -> int:
+    """``holder``'s place in its platform's FIFO queue, not counting the builds ahead of it
+    that their namespace's quota holds back (they could not take a VM if one were free:
+    counting them would keep other namespaces' builds waiting behind them)."""
+    me = contract.waiter_name(holder.uid)
+    queue = slots.live([w for w in slots.waiters() if w.holder.platform == dyn.platform], me)
+    limit = dyn.max_instances_per_namespace
+    if limit:
+        holding: set[str] = set()
+        per_ns: dict[str, int] = {}
+        for p in records.all_namespace_places():
+            lab, ann = p.metadata.labels or {}, p.metadata.annotations or {}
+            if ann.get(contract.ANN_PLATFORM) != dyn.platform:
+                continue
+            holding.add(lab.get(contract.LABEL_TASKRUN_UID, ""))
+            ns = lab.get(contract.LABEL_TASKRUN_NAMESPACE, "")
+            per_ns[ns] = per_ns.get(ns, 0) + 1
+        queue = [w for w in queue if w.name == me or w.holder.uid in holding
+                 or per_ns.get(w.holder.namespace, 0) < limit]
+    names = [w.name for w in queue]
+    return names.index(me) if me in names else len(names)
 
 
 def _give_back_ns(records: Records, name: str | None) -> None:
@@ -471,16 +494,36 @@ def _retire_reason(kube: Kube, records: Records, prov: Provider, dyn: Dynamic | 
                 records.drop(p.metadata.name)
             return "instance gone"
     if places:
-        return None
+        # Places whose builds are done are left only when their users could not be
+        # removed (step 3 tried): while the VM answers, the next sweep tries again; a VM
+        # that does not answer is terminated, which takes those users with it.
+        for p in places:
+            lab, ann = p.metadata.labels or {}, p.metadata.annotations or {}
+            if not build_state(kube, lab.get(contract.LABEL_TASKRUN_NAMESPACE, ""),
+                               ann.get(contract.ANN_TASKRUN_NAME, ""),
+                               lab.get(contract.LABEL_TASKRUN_UID, ""))[1]:
+                return None                       # a build still runs there
+        problem = _unhealthy(kube, records, dyn, vm)
+        if problem is None:
+            return None
+        for p in places:
+            records.drop(p.metadata.name)
+        return f"unreachable with only finished builds: {problem}"
     if vm.age() > dyn.max_age_seconds:
         return "past maxAgeSeconds"
     if not _reusable(dyn, vm):
         return "single-use VM without build"
+    problem = _unhealthy(kube, records, dyn, vm)
+    return f"unhealthy: {problem}" if problem else None
+
+
+def _unhealthy(kube: Kube, records: Records, dyn: Dynamic, vm: VM) -> str | None:
+    """Why ``vm`` fails the SSH health check (as its admin, pinned key), or None."""
     try:
         with hostkeys.session(kube, records.namespace, vm_host(dyn, vm)) as s:
             s.run("true", timeout=30, attempts=2)
     except HostError as e:
-        return f"unhealthy: {e}"
+        return str(e)
     return None
 
 
