@@ -13,6 +13,7 @@ names (keys ``access-key-id``, ``secret-access-key``, optional
 from __future__ import annotations
 
 import base64
+import threading
 
 import boto3
 from botocore.config import Config
@@ -20,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from kubernetes import client
 
 from . import contract
-from .cloud import Instance, LaunchRequest, ProviderError, user_data
+from .cloud import FenceLost, Instance, LaunchRequest, ProviderError, user_data
 from .hostpool import AwsSettings, Dynamic, Pool
 from .kube import Kube
 
@@ -76,6 +77,21 @@ class Ec2:
             config=Config(retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
                           connect_timeout=10, read_timeout=60))
         self._root_device: str | None = None
+        # the fence of the launch this thread is making (the sweep launches from threads)
+        self._fence = threading.local()
+        self.ec2.meta.events.register("before-send.ec2.RunInstances", self._before_send)
+
+    def _before_send(self, request=None, **_) -> None:
+        """Every attempt of RunInstances, botocore's retries included, passes the fence of
+        its launch first: a launch whose record was swept meanwhile is never sent."""
+        fence = getattr(self._fence, "check", None)
+        if fence is None:
+            return None
+        try:
+            fence()
+        except Exception as e:      # noqa: BLE001 - whatever the check says, do not send
+            raise FenceLost(f"launch not sent: {e}") from None
+        return None
 
     @classmethod
     def from_pool(cls, kube: Kube, namespace: str, pool: Pool, dyn: Dynamic) -> "Ec2":
@@ -166,6 +182,14 @@ class Ec2:
         if s.instance_profile:
             key = "Arn" if s.instance_profile.startswith("arn:") else "Name"
             params["IamInstanceProfile"] = {key: s.instance_profile}
+        self._fence.check = req.fence
+        try:
+            return self._launch(params, req)
+        finally:
+            self._fence.check = None
+
+    def _launch(self, params: dict, req: LaunchRequest) -> Instance:
+        s = self.settings
         if s.spot:
             spot = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
             if s.spot_max_price:

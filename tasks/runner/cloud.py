@@ -19,7 +19,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from typing import Protocol
+from typing import Callable, Protocol
 
 import yaml
 
@@ -36,6 +36,10 @@ class ProviderError(RuntimeError):
         self.transient = transient
         self.code = code
         super().__init__(message)
+
+
+class FenceLost(ProviderError):
+    """A launch was not sent: its record is gone or no longer launching (see ``LaunchRequest``)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,10 @@ class LaunchRequest:
     platform: str
     host_key_private: bytes        # OpenSSH private key the VM's sshd will use
     host_key_public: str           # 'ssh-ed25519 AAAA...'
+    # Called right before every attempt of the launch call is sent (retries included);
+    # it raises when the record no longer stands for this launch, and the provider then
+    # raises FenceLost without sending. See docs/dynamic-hosts.md, "Quota under stalls".
+    fence: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 class Provider(Protocol):

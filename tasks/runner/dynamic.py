@@ -76,11 +76,17 @@ def launch(kube: Kube, namespace: str, provider: Provider, records: Records, dyn
            rec: VM, host_key_private: bytes) -> VM:
     """Launch the VM ``rec`` stands for (or adopt the one an earlier, killed attempt
     launched for it) and record its id and address: state booting."""
+    current = [rec]
+
+    def fence() -> None:                # before every attempt of the launch call
+        current[0] = records.fence(current[0])
+
     found = [i for i in provider.find(rec.uid) if not i.gone]
     inst = found[0] if found else provider.launch(LaunchRequest(
         record=f"{namespace}/{rec.name}", record_uid=rec.uid,
         client_token=contract.vm_client_token(rec.uid), platform=dyn.platform,
-        host_key_private=host_key_private, host_key_public=rec.host_key))
+        host_key_private=host_key_private, host_key_public=rec.host_key, fence=fence))
+    rec = current[0]
     address = inst.address
     deadline = time.monotonic() + 60
     while not address and time.monotonic() < deadline:

@@ -179,6 +179,24 @@ class Records:
                 raise Conflict(vm.name) from None
             raise
 
+    def fence(self, vm: VM) -> VM:
+        """Renew ``vm`` only while it is this incarnation and still launching, else
+        ``Conflict``: what a provisioner does right before each launch call is sent.
+
+        One JSON patch whose ``test`` operations the API server applies atomically with
+        the renewal, so a record the sweep marked terminating (or deleted and someone
+        re-created) can never be renewed back to life."""
+        label = contract.LABEL_VM_STATE.replace("~", "~0").replace("/", "~1")
+        body = [{"op": "test", "path": "/metadata/uid", "value": vm.uid},
+                {"op": "test", "path": f"/metadata/labels/{label}", "value": LAUNCHING},
+                {"op": "replace", "path": "/spec/renewTime", "value": _ts(now())}]
+        try:
+            return _vm(self.kube.leases.patch_namespaced_lease(vm.name, self.namespace, body))
+        except client.ApiException as e:
+            if e.status in (404, 409, 422):
+                raise Conflict(f"{vm.name}: no longer launching this VM ({e.status})") from None
+            raise
+
     def delete(self, vm: VM) -> None:
         """Delete the record (only that incarnation of it: uid precondition)."""
         try:

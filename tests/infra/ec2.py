@@ -4,14 +4,15 @@ it, and a simulated hypervisor that makes every instance the API reports reachab
 ``MotoServer``: ``moto_server`` bound to 127.0.0.1 on a free port; boto3 talks
 to it over HTTP exactly as to EC2. ``Ec2Proxy``: a loopback HTTP proxy that
 forwards to it and, per API action, answers ``RequestLimitExceeded`` (HTTP
-503, EC2's XML error) a given number of times, or forwards a call and then
-never answers it (a client killed after the cloud acted). ``Hypervisor``: a
+503, EC2's XML error) a given number of times, forwards a call and then
+never answers it (a client killed after the cloud acted), or holds a call
+back without forwarding it and then refuses it (a request lost in transit). ``Hypervisor``: a
 thread that lists the instances through the API; for each new one it reads
 the user data the way cloud-init does (the host key in ``ssh_keys``) and the
 key pair's public key, and boots an SSH test host (``sshhosts.py``) at the
 instance's private address with that identity; a terminated instance's host
 is destroyed. Faults: instances that never boot, boot with another host key,
-or boot only after a delay. Only the hypervisor is simulated.
+or boot only after a delay (``boot_delay``). Only the hypervisor is simulated.
 """
 from __future__ import annotations
 
@@ -95,6 +96,11 @@ class Ec2Proxy:
         self.throttle: dict[str, int] = {}         # action -> how many more to refuse
         self.injected: dict[str, int] = {}         # action -> refused so far
         self.hold: set[str] = set()                # actions forwarded but never answered
+        # the next n calls of an action wait (never forwarded) until ``unstall`` is set,
+        # then are refused as throttled: a request lost in transit, retried later
+        self.stall: dict[str, int] = {}
+        self.stalled = threading.Event()
+        self.unstall = threading.Event()
         self.held = threading.Event()              # set once a held call reached moto
         self.release = threading.Event()
         self.calls: list[str] = []
@@ -110,10 +116,17 @@ class Ec2Proxy:
                 action = urllib.parse.parse_qs(body.decode()).get("Action", [""])[0]
                 with proxy._lock:
                     proxy.calls.append(action)
-                    refuse = proxy.throttle.get(action, 0) > 0
-                    if refuse:
+                    stall = proxy.stall.get(action, 0) > 0
+                    if stall:
+                        proxy.stall[action] -= 1
+                    refuse = stall or proxy.throttle.get(action, 0) > 0
+                    if refuse and not stall:
                         proxy.throttle[action] -= 1
+                    if refuse:
                         proxy.injected[action] = proxy.injected.get(action, 0) + 1
+                if stall:
+                    proxy.stalled.set()
+                    proxy.unstall.wait()
                 if refuse:
                     self.send_response(503)
                     self.send_header("Content-Type", "text/xml")
@@ -150,6 +163,7 @@ class Ec2Proxy:
 
     def stop(self) -> None:
         self.release.set()
+        self.unstall.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -163,11 +177,13 @@ class Hypervisor:
     interval: float = 0.2
     never_boot: int = 0                 # the next n instances never become reachable
     wrong_key: int = 0                  # the next n boot with a host key mpc did not give
+    boot_delay: float = 0.0             # seconds from an instance's first sighting to its boot
     hosts: dict[str, SSHHost] = field(default_factory=dict)
     dead: set[str] = field(default_factory=set)     # seen, never booted
     seen: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     max_alive: int = 0                  # most non-terminated instances in one listing
+    pending: dict[str, float] = field(default_factory=dict)    # seen, boots at (monotonic)
 
     def __post_init__(self):
         self.ec2 = client(self.ec2_url)
@@ -217,14 +233,16 @@ class Hypervisor:
                         self.hosts.pop(iid).destroy()
                 for i in live:
                     iid = i["InstanceId"]
-                    if iid in self.seen:
-                        continue
-                    self.seen.append(iid)
-                    if self.never_boot > 0:
-                        self.never_boot -= 1
-                        self.dead.add(iid)
-                        continue
-                    self._boot(i)
+                    if iid not in self.seen:
+                        self.seen.append(iid)
+                        if self.never_boot > 0:
+                            self.never_boot -= 1
+                            self.dead.add(iid)
+                            continue
+                        self.pending[iid] = time.monotonic() + self.boot_delay
+                    if iid in self.pending and time.monotonic() >= self.pending[iid]:
+                        del self.pending[iid]
+                        self._boot(i)
             except Exception as e:      # noqa: BLE001 - keep simulating; the test reads errors
                 self.errors.append(repr(e))
             time.sleep(self.interval)
