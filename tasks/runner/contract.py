@@ -236,6 +236,15 @@ def vm_namespace_name(platform: str, namespace: str, index: int) -> str:
     return f"mpc-vmns-{_short(platform, namespace, length=16)}-{index}"
 
 
+ROLE_VM_STATS = "vm-stats"                      # counters of a dynamic platform (vms.summary)
+ANN_VM_STATS = f"{DOMAIN}/stats"                # their JSON
+
+
+def vm_stats_name(platform: str, shard: int) -> str:
+    """One of the Leases holding ``platform``'s counters (launches, boot times, orphans)."""
+    return f"mpc-vmstats-{_short(platform, length=12)}-{shard}"
+
+
 def vm_client_token(record_uid: str) -> str:
     """The idempotency token of the one launch a VM record stands for (<= 64 chars)."""
     return f"mpc-{record_uid}"

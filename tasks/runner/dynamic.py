@@ -29,6 +29,9 @@ quota.
 """
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +44,7 @@ from .hostpool import Dynamic, Host, Pool
 from .kube import Kube
 from .remote import HostError
 from .slots import Gone, Holder, Slots
-from .vms import BOOTING, LAUNCHING, READY, TERMINATING, VM, Conflict, Records
+from .vms import BOOTING, LAUNCHING, READY, TERMINATING, VM, Conflict, Records, count
 
 TERMINATE_CONFIRM_SECONDS = 300
 BOOT_POLL_SECONDS = 1.0
@@ -171,6 +174,7 @@ def launch_ready(kube: Kube, namespace: str, provider: Provider, records: Record
     if rec is None:
         return None, None, "quota"
     vm = rec
+    started = time.monotonic()
     try:
         vm = launch(kube, namespace, provider, records, dyn, rec, priv)
         vm = wait_for_ssh(kube, namespace, records, dyn, vm)
@@ -178,9 +182,11 @@ def launch_ready(kube: Kube, namespace: str, provider: Provider, records: Record
         vm = records.update(vm, state=READY, annotations={
             contract.ANN_READY_AT: time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
             contract.ANN_BUILDS_SERVED: "1" if holder else "0"})
+        count(kube, namespace, dyn.platform, boot_seconds=time.monotonic() - started, launches=1)
         return vm, place, ""
     except (BootFailed, ProviderError, Conflict, HostError) as e:
         log.event("launch failed; terminating", level="warning", record=rec.name, error=str(e))
+        count(kube, namespace, dyn.platform, launch_failures=1)
         if holder:
             for p in records.places_on(rec.name):
                 records.drop(p.metadata.name)
@@ -260,8 +266,20 @@ def provision(kube: Kube, req, pool: Pool, dyn: Dynamic, taskrun: dict, poll: fl
             ns_ok = not dyn.max_instances_per_namespace or ns_place is not None
             if ns_ok and _position(slots, records, dyn, holder) < free_capacity(records, dyn):
                 vm, place = claim(records, dyn, holder)
-                if vm is None:
+                if vm is not None:
+                    count(kube, ns, dyn.platform, warm_claims=1)
+                    _event(kube, taskrun, "VMClaimed", f"warm VM {vm.instance_id} "
+                           f"({vm.name}, platform {dyn.platform}) claimed")
+                else:
+                    started = time.monotonic()
                     vm, place, why = launch_ready(kube, ns, provider, records, dyn, holder)
+                    if vm is not None:
+                        _event(kube, taskrun, "VMLaunched", f"VM {vm.instance_id} ({vm.name}, "
+                               f"platform {dyn.platform}) launched for this build; it answered "
+                               f"SSH {time.monotonic() - started:.0f}s later")
+                    elif why != "quota":
+                        _event(kube, taskrun, "VMLaunchFailed", f"a VM of platform "
+                               f"{dyn.platform} failed to launch or boot: {why}", "Warning")
                     if vm is None and why != "quota":
                         failures.append(why)
                         if len(failures) >= dyn.launch_attempts:
@@ -314,6 +332,12 @@ def provision(kube: Kube, req, pool: Pool, dyn: Dynamic, taskrun: dict, poll: fl
                              "for a higher quota.")
             if not waited:
                 log.event("dynamic platform at its quota: waiting", platform=req.platform, **ids)
+                count(kube, ns, dyn.platform, quota_blocked=1)
+                _event(kube, taskrun, "WaitingForVM", (
+                    f"platform {dyn.platform} is at its quota (maxInstances {dyn.max_instances}"
+                    + (f", maxInstancesPerNamespace {dyn.max_instances_per_namespace}"
+                       if dyn.max_instances_per_namespace else "")
+                    + "): waiting for a VM"))
                 waited = True
             time.sleep(poll)
             if time.monotonic() - last_alive > 3:
@@ -351,6 +375,32 @@ def _position(slots: Slots, records: Records, dyn: Dynamic, holder: Holder) -> i
                  or per_ns.get(w.holder.namespace, 0) < limit]
     names = [w.name for w in queue]
     return names.index(me) if me in names else len(names)
+
+
+def _event(kube: Kube, taskrun: dict, reason: str, message: str, kind: str = "Normal") -> bool:
+    """An Event on the build TaskRun (best effort: a failure is logged, never raised)."""
+    m = taskrun["metadata"]
+    digest = hashlib.sha256("\0".join((m["uid"], reason, message)).encode()).hexdigest()[:16]
+    ts = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    body = {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{m['name'][:200].rstrip('-.')}.{digest}",
+                         "namespace": m["namespace"],
+                         "labels": {contract.LABEL_MANAGED: contract.MANAGED_VALUE}},
+            "involvedObject": {"apiVersion": taskrun.get("apiVersion", "tekton.dev/v1"),
+                               "kind": "TaskRun", "name": m["name"], "uid": m["uid"],
+                               "namespace": m["namespace"]},
+            "reason": reason, "message": message[:1000], "type": kind,
+            "source": {"component": hostkeys.COMPONENT},
+            "reportingComponent": hostkeys.COMPONENT,
+            "reportingInstance": socket.gethostname()[:128],
+            "firstTimestamp": ts, "lastTimestamp": ts, "count": 1}
+    try:
+        kube.core.create_namespaced_event(m["namespace"], body)
+        return True
+    except client.ApiException as e:
+        if e.status != 409:
+            log.event("could not post event", level="warning", reason=reason, status=e.status)
+        return False
 
 
 def _give_back_ns(records: Records, name: str | None) -> None:
@@ -428,6 +478,9 @@ def sweep(kube: Kube, namespace: str, pool: Pool, build_state) -> Report:
             try:
                 providers[plat].terminate([i.id for i in orphans])
                 rep.terminated_orphans += [i.id for i in orphans]
+                for p in {i.tags.get(contract.TAG_PLATFORM) or plat for i in orphans}:
+                    count(kube, namespace, p, orphans_terminated=sum(
+                        1 for i in orphans if (i.tags.get(contract.TAG_PLATFORM) or plat) == p))
                 log.event("orphaned VMs terminated", level="warning",
                           instances=[i.id for i in orphans])
             except ProviderError as e:

@@ -24,17 +24,24 @@ A build on a VM holds one of its ``maxBuildsPerVM`` places
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
+import random
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 from kubernetes import client
 
-from . import contract
+from . import contract, log
 from .hostpool import Dynamic
 from .kube import Kube
 from .slots import Holder, platform_key
 
 LAUNCHING, BOOTING, READY, TERMINATING = "launching", "booting", "ready", "terminating"
 RENEW_STALE_SECONDS = 300          # a launching/booting record not renewed for this long is abandoned
+STATS_SHARDS = 4                   # counter Leases per platform (fewer write conflicts)
+BOOT_BUCKETS = (5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900)     # seconds, then +Inf
+COUNTERS = ("launches", "launch_failures", "warm_claims", "quota_blocked", "orphans_terminated")
 
 
 class Conflict(Exception):
@@ -267,3 +274,147 @@ class Records:
     def all_namespace_places(self) -> list[client.V1Lease]:
         return self._list(f"{contract.LABEL_MANAGED}={contract.MANAGED_VALUE},"
                           f"{contract.LABEL_ROLE}={contract.ROLE_VM_NAMESPACE}")
+
+
+# --- metrics --------------------------------------------------------------------------
+def _boot_bucket(seconds: float) -> str:
+    return next((str(b) for b in BOOT_BUCKETS if seconds <= b), "+Inf")
+
+
+def count(kube: Kube, namespace: str, platform: str, boot_seconds: float | None = None,
+          **increments: int) -> None:
+    """Add to ``platform``'s counters (``COUNTERS``) and observe a boot time, in one of its
+    stats Leases (read, add, write back conditional on the resourceVersion). Best effort:
+    a failure is logged, never raised; a build never waits long for its metrics."""
+    name = contract.vm_stats_name(platform, random.randrange(STATS_SHARDS))
+    leases = kube.leases
+    for _ in range(6):
+        try:
+            try:
+                cur = leases.read_namespaced_lease(name, namespace)
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+                cur = None
+            ann = (cur.metadata.annotations or {}) if cur else {}
+            stats = json.loads(ann.get(contract.ANN_VM_STATS) or "{}")
+            for k, v in increments.items():
+                stats[k] = stats.get(k, 0) + v
+            if boot_seconds is not None:
+                b = stats.setdefault("boot_seconds", {"buckets": {}, "sum": 0.0, "count": 0})
+                key = _boot_bucket(boot_seconds)
+                b["buckets"][key] = b["buckets"].get(key, 0) + 1
+                b["sum"] = round(b["sum"] + boot_seconds, 3)
+                b["count"] += 1
+            text = json.dumps(stats, sort_keys=True)
+            if cur is None:
+                leases.create_namespaced_lease(namespace, client.V1Lease(
+                    metadata=client.V1ObjectMeta(
+                        name=name, labels={
+                            contract.LABEL_MANAGED: contract.MANAGED_VALUE,
+                            contract.LABEL_ROLE: contract.ROLE_VM_STATS,
+                            f"{contract.DOMAIN}/platform-key": platform_key(platform)},
+                        annotations={contract.ANN_PLATFORM: platform,
+                                     contract.ANN_VM_STATS: text}),
+                    spec=client.V1LeaseSpec()))
+            else:
+                leases.patch_namespaced_lease(name, namespace, {"metadata": {
+                    "resourceVersion": cur.metadata.resource_version,
+                    "annotations": {contract.ANN_VM_STATS: text}}})
+            return
+        except client.ApiException as e:
+            if e.status != 409:
+                log.event("could not count", level="warning", platform=platform,
+                          counters=increments, status=e.status)
+                return
+    log.event("could not count: too many conflicts", level="warning", platform=platform,
+              counters=increments)
+
+
+def _plain(obj: Any) -> dict:
+    if isinstance(obj, dict):
+        return obj
+    return client.ApiClient().sanitize_for_serialization(obj)
+
+
+def summary(leases: Iterable[Any], platforms: Iterable[str] = ()) -> dict[str, dict]:
+    """What the dynamic platforms look like now, from the Leases of the controller
+    namespace alone (the watcher's cache: JSON dicts as the API returns them, or
+    ``V1Lease`` objects). Pure: no API call, no clock.
+
+    Per platform (every one in ``platforms``, plus any with a Lease)::
+
+        {"instances": {"launching": n, "booting": n, "idle": n, "busy": n,
+                       "terminating": n},            # gauge: VMs by state (ready: idle|busy)
+         "builds": n,                                # gauge: builds holding a place on a VM
+         "waiting": n,                               # gauge: builds queued for a VM
+         "launches": n, "launch_failures": n,        # counters (since the stats Leases
+         "warm_claims": n, "quota_blocked": n,       #  were created)
+         "orphans_terminated": n,
+         "boot_seconds": {"buckets": [(5.0, n), ..., (inf, n)],   # cumulative, as
+                          "sum": s, "count": n}}                  #  Prometheus wants
+
+    ``waiting`` counts queue entries of platforms that have VM records, stats or are in
+    ``platforms``: pass the pool's dynamic platforms so a static platform's queue is not
+    reported as one of VMs.
+    """
+    def blank() -> dict:
+        return {"instances": {LAUNCHING: 0, BOOTING: 0, "idle": 0, "busy": 0, TERMINATING: 0},
+                "builds": 0, "waiting": 0, **{c: 0 for c in COUNTERS},
+                "boot_seconds": {"buckets": {}, "sum": 0.0, "count": 0}}
+    out: dict[str, dict] = {p: blank() for p in platforms}
+    docs = [_plain(x) for x in leases]
+    vm_platform: dict[str, str] = {}
+    busy: set[str] = set()
+    waiters: list[str] = []
+    places: list[str] = []
+    for d in docs:
+        m = d.get("metadata") or {}
+        lab, ann = m.get("labels") or {}, m.get("annotations") or {}
+        role = lab.get(contract.LABEL_ROLE)
+        if role == contract.ROLE_VM:
+            vm_platform[m.get("name", "")] = ann.get(contract.ANN_PLATFORM, "")
+        elif role == contract.ROLE_VM_BUILD:
+            busy.add(lab.get(contract.LABEL_VM, ""))
+            places.append(lab.get(contract.LABEL_VM, ""))
+        elif role == "waiter":
+            waiters.append(ann.get(contract.ANN_PLATFORM, ""))
+    for d in docs:
+        m = d.get("metadata") or {}
+        lab, ann = m.get("labels") or {}, m.get("annotations") or {}
+        role = lab.get(contract.LABEL_ROLE)
+        plat = ann.get(contract.ANN_PLATFORM, "")
+        if role == contract.ROLE_VM:
+            state = lab.get(contract.LABEL_VM_STATE, "")
+            if state == READY:
+                state = "busy" if m.get("name") in busy else "idle"
+            row = out.setdefault(plat, blank())
+            if state in row["instances"]:
+                row["instances"][state] += 1
+        elif role == contract.ROLE_VM_STATS:
+            try:
+                stats = json.loads(ann.get(contract.ANN_VM_STATS) or "{}")
+            except ValueError:
+                continue
+            row = out.setdefault(plat, blank())
+            for c in COUNTERS:
+                row[c] += int(stats.get(c, 0))
+            b = stats.get("boot_seconds") or {}
+            for k, v in (b.get("buckets") or {}).items():
+                row["boot_seconds"]["buckets"][k] = row["boot_seconds"]["buckets"].get(k, 0) + v
+            row["boot_seconds"]["sum"] += float(b.get("sum", 0))
+            row["boot_seconds"]["count"] += int(b.get("count", 0))
+    for vm in places:
+        if vm in vm_platform and vm_platform[vm] in out:
+            out[vm_platform[vm]]["builds"] += 1
+    for plat in waiters:
+        if plat in out:
+            out[plat]["waiting"] += 1
+    for row in out.values():
+        per = row["boot_seconds"]["buckets"]
+        cum, total = [], 0
+        for le in [*BOOT_BUCKETS, math.inf]:
+            total += per.get("+Inf" if le == math.inf else str(le), 0)
+            cum.append((float(le), total))
+        row["boot_seconds"]["buckets"] = cum
+    return out
