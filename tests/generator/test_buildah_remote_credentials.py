@@ -34,6 +34,7 @@ from tests.infra.sshhosts import keypair
 
 from .conftest import IMPORT_STEP_IMAGE, STEP_IMAGE
 from .podsim import Pod
+from .test_buildah_remote_run import pulled
 
 REG_USER = "tenant-robot"
 REG_PASSWORD = "pw-" + secrets.token_hex(16)
@@ -123,19 +124,7 @@ def private_base(registry: Registry, ref: str, tmp: Path, marker: str) -> None:
 
 
 def pulled_files(registry: Registry, ref: str, dest: Path) -> dict[str, bytes]:
-    subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false",
-                    f"--src-creds={REG_USER}:{REG_PASSWORD}", f"docker://{ref}", f"oci:{dest}:x"],
-                   check=True, capture_output=True, text=True)
-    blob = lambda d: dest / "blobs" / d.replace(":", "/")  # noqa: E731
-    index = json.loads((dest / "index.json").read_text())
-    manifest = json.loads(blob(index["manifests"][0]["digest"]).read_text())
-    files = {}
-    for layer in manifest["layers"]:
-        with tarfile.open(blob(layer["digest"])) as t:
-            for m in t.getmembers():
-                if m.isfile():
-                    files[m.name.lstrip("./")] = t.extractfile(m).read()
-    return files
+    return pulled(registry, ref, dest, creds=f"{REG_USER}:{REG_PASSWORD}")[1]
 
 
 @pytest.fixture

@@ -27,9 +27,12 @@ REMOTE_TASK = ROOT / "tasks/buildah-remote/0.1/buildah-remote.yaml"
 CONTAINERFILE = "FROM scratch\nARG GREETING\nLABEL greeting=$GREETING\nCOPY hello.txt /hello.txt\n"
 
 
-def pulled(registry, ref: str, dest: Path) -> tuple[dict, dict[str, bytes]]:
-    """Pull ``ref`` from the registry with skopeo: (image config, files of all layers)."""
-    subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}",
+def pulled(registry, ref: str, dest: Path, creds: str | None = None
+           ) -> tuple[dict, dict[str, bytes]]:
+    """Pull ``ref`` from the registry with skopeo (``creds``: user:password): (image
+    config, files of all layers)."""
+    subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false",
+                    *([f"--src-creds={creds}"] if creds else []), f"docker://{ref}",
                     f"oci:{dest}:x"], check=True, capture_output=True, text=True)
     blob = lambda d: dest / "blobs" / d.replace(":", "/")  # noqa: E731
     index = json.loads((dest / "index.json").read_text())
