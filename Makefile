@@ -77,9 +77,9 @@ soak: deps venv upstream rootfs ## fault-injection soak on the e2e node: MPC_SOA
 clean: ## remove the venv (the cache in $(MPC_CACHE) stays)
 	rm -rf $(VENV) *.egg-info
 
-# --- Tekton bundles: `make run`, `make bundles`, `make pin-bundles` ---------------
+# --- Tekton bundles: `make bundles-check`, `make bundles`, `make pin-bundles` -----
 # REGISTRY: where the bundles go (host[:port]/path, e.g. quay.io/acme/mpc);
-# left empty, `make run` pushes to an embedded loopback registry it starts and
+# left empty, `make bundles-check` pushes to an embedded loopback registry it starts and
 # stops. VERSION: the tag of every bundle (default: mpc's package version).
 # The creation time is SOURCE_DATE_EPOCH, else the last commit of each
 # bundle's files, so the same sources give the same digests. See bundles/README.md.
@@ -91,8 +91,8 @@ PIN_OUT ?= dist/release
 MPC := $(VENV)/bin/mpc
 BUNDLE_ARGS = $(if $(REGISTRY),--registry $(REGISTRY)) $(if $(VERSION),--version $(VERSION))
 
-.PHONY: run
-run: deps venv upstream ## main job: generate + validate every Task, push all bundles with tkn, list them
+.PHONY: bundles-check
+bundles-check: deps venv upstream ## no cluster: generate + validate every Task, push all bundles with tkn to a loopback registry, list them
 	$(MPC) bundles run $(BUNDLE_ARGS)
 
 .PHONY: bundles
@@ -133,6 +133,20 @@ release: deps venv upstream ## images + bundles pushed, manifests pinned by dige
 generate-buildah-remote: venv ## regenerate tasks/buildah-remote from tasks/buildah
 	$(VENV)/bin/mpc buildah-remote --from tasks/buildah/0.1/buildah.yaml \
 	  --out tasks/buildah-remote/0.1/buildah-remote.yaml
+
+# --- the main job: a real multi-platform build on the embedded cluster (tests/e2e/runjob.py) ---
+# `make run`: the e2e node (instance RUN_NAME), `make release` into its registry, install.yaml
+# applied, SSH build hosts that really are linux/arm64 and linux/s390x, a matrix PipelineRun of
+# buildah-remote + an index step; leaves it all up. `make stop` tears it down and checks.
+RUN_NAME ?= run
+
+.PHONY: run
+run: deps venv upstream rootfs ## main job: embedded cluster + arm64/s390x build hosts, a multi-platform build into one image index
+	$(PY) -m tests.e2e.runjob run --name $(RUN_NAME)
+
+.PHONY: stop
+stop: ## tear down what `make run` left up and check this machine is as before
+	$(PY) -m tests.e2e.runjob stop --name $(RUN_NAME)
 
 # --- e2e: a real one-node Kubernetes + Tekton in its own namespaces (tests/e2e) ---
 E2E_NAME ?= dev
