@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from mpc.runner import contract as c
 from mpc.runner import hostpool, slots
 
 from .store import Build, Store
@@ -56,34 +55,38 @@ def free_slots(pool: hostpool.Pool, platform: str, store: Store) -> int:
 def waiting(b: Build, runs: dict) -> bool:
     """Holds our finalizer, is not finished, and has neither a provisioning run nor its
     answer for waiting too long (a provision-failed run)."""
-    return (b.ours and not b.finished and c.provision_run_name(b.uid) not in runs
-            and c.provision_failed_run_name(b.uid) not in runs)
+    return (b.ours and not b.finished and b.provision_run not in runs
+            and b.failed_run not in runs)
 
 
 def decide(pool: hostpool.Pool | None, store: Store, uid: str, now: float) -> Decision:
-    """May build ``uid`` (which holds our finalizer and has no provisioning run) start now?"""
+    """May build ``uid`` (which holds our finalizer and has no provisioning run) start now?
+
+    One pass over the cached builds (no sort, no list): this runs for every admission.
+    """
     b = store.build(uid)
     if (b is None or pool is None or not b.platform or b.platform in pool.local_platforms
             or not pool.hosts_for(b.platform) or not pool.namespace_allowed(b.namespace)):
         return Decision(ADMIT)      # the provisioning run answers at once (host or error)
     free = free_slots(pool, b.platform, store)
+    me = (b.created, uid)
+    position = queued = in_flight = 0
     with store.lock:
         holders = {s.holder_uid for s in store.slots.values()}
-        queue, in_flight = [], 0
+        runs = store.runs
         for o in store.builds.values():
             if o.platform != b.platform or not o.ours or o.finished:
                 continue
-            run = store.runs.get(c.provision_run_name(o.uid))
+            run = runs.get(o.provision_run)
             if run is None:
-                if waiting(o, store.runs):
-                    queue.append((o.created, o.uid))
+                if o.failed_run not in runs:
+                    queued += 1
+                    position += (o.created, o.uid) < me
             elif run.succeeded is None and o.uid not in holders:
                 in_flight += 1
-    queue.sort()
-    position = queue.index((b.created, uid)) if (b.created, uid) in queue else len(queue)
     if position < free - in_flight:
-        return Decision(ADMIT, position, len(queue), free)
+        return Decision(ADMIT, position, queued, free)
     left = (_created(b.created) + pool.max_wait_seconds - now) if b.created else 1e9
     if left <= 0:
-        return Decision(TIMED_OUT, position, len(queue), free)
-    return Decision(WAIT, position, len(queue), free, left)
+        return Decision(TIMED_OUT, position, queued, free)
+    return Decision(WAIT, position, queued, free, left)

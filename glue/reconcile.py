@@ -45,6 +45,7 @@ class Reconciler:
         self.kube, self.cfg, self.store, self.pool = kube, cfg, store, pool
         self.metrics, self.queue = metrics, queue
         self.ns = cfg.namespace
+        self.parked: set[str] = set()      # builds told to wait (capacity.WAIT), by uid
 
     def _step(self, name: str) -> None:
         """Test hook: die right after a write, to prove restarts lose and duplicate nothing."""
@@ -96,12 +97,12 @@ class Reconciler:
             self.store.put_taskrun(tr, b.platform, time.time())
             self._decision("finalizer added", b)
             self._step("finalizer-added")
-            self.queue.add(uid)
+            self._provision(b)      # the next write right away, not behind every other build
 
     def _provision(self, b: Build) -> None:
-        run = self.store.run(c.provision_run_name(b.uid))
+        run = self.store.run(b.provision_run)
         if run is None:
-            if self.store.run(c.provision_failed_run_name(b.uid)) is None:
+            if self.store.run(b.failed_run) is None:
                 self._admit(b)          # else it waited too long and has its answer
         elif run.succeeded is True:
             self._event(b, "Provisioned", f"PipelineRun {self.ns}/{run.name} succeeded",
@@ -110,12 +111,12 @@ class Reconciler:
             reason = run.reason or "Failed"
             # its finally wrote the error secret, unless the run was cancelled or the
             # finally could not run: make sure the waiting build gets an answer
-            if self.store.run(c.provision_failed_run_name(b.uid)) is None and self._create_run(
+            if self.store.run(b.failed_run) is None and self._create_run(
                     objects.provision_failed_run(
                         self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid,
                         b.platform, run.name, reason, bundle=self.cfg.pipeline_bundle)):
                 self._decision("provisioning failed; error-secret run created", b,
-                               run=c.provision_failed_run_name(b.uid), reason=reason)
+                               run=b.failed_run, reason=reason)
             self._event(b, "ProvisioningFailed", f"PipelineRun {self.ns}/{run.name} failed "
                         f"({reason}); see its logs in namespace {self.ns}", warning=True)
 
@@ -123,6 +124,8 @@ class Reconciler:
         pool, pool_errors = self._pool()
         d = capacity.decide(pool, self.store, b.uid, time.time())
         p = self.metrics.platform(b.platform)
+        with self.store.lock:
+            (self.parked.add if d.verdict == capacity.WAIT else self.parked.discard)(b.uid)
         if d.verdict == capacity.WAIT:
             self._decision("platform full; build waits", b, position=d.position,
                            waiting=d.waiting)
@@ -143,7 +146,7 @@ class Reconciler:
         # Tekton's timeouts follow the pool's queue bound (plus the work), so Tekton never
         # cancels a run that may still be waiting, and its error-secret finally always runs
         max_wait = (pool or hostpool.Pool()).max_wait_seconds
-        run = c.provision_run_name(b.uid)
+        run = b.provision_run
         created = self._create_run(objects.provision_run(
             self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid, b.platform,
             bundle=self.cfg.pipeline_bundle, max_wait_seconds=max_wait))
@@ -183,12 +186,15 @@ class Reconciler:
         return pool, errors
 
     def wake(self, platform: str | None) -> None:
-        """Queue the oldest waiting build of ``platform`` (every platform if None)."""
+        """Queue the oldest build of ``platform`` (every platform if None) that was told to
+        wait. Only those are looked at: in a burst with room for all, this costs nothing."""
         oldest: dict[str, tuple] = {}
         with self.store.lock:
-            for o in self.store.builds.values():
-                if (o.platform and (platform is None or o.platform == platform)
-                        and capacity.waiting(o, self.store.runs)):
+            for uid in list(self.parked):
+                o = self.store.builds.get(uid)
+                if o is None or not capacity.waiting(o, self.store.runs):
+                    self.parked.discard(uid)
+                elif o.platform and (platform is None or o.platform == platform):
                     key = (o.created, o.uid)
                     if o.platform not in oldest or key < oldest[o.platform]:
                         oldest[o.platform] = key
@@ -196,7 +202,7 @@ class Reconciler:
             self.queue.add(uid)
 
     def _release(self, b: Build) -> None:
-        prov = self.store.run(c.provision_run_name(b.uid))
+        prov = self.store.run(b.provision_run)
         if prov is not None and prov.succeeded is None:
             requested = objects.parse_time(prov.cancel_requested)
             if not prov.cancelled or requested is None:

@@ -46,6 +46,12 @@ class Build:
     gone: bool = False                   # deleted (or replaced by a namesake)
     first_seen: float = 0.0
     reported: set = field(default_factory=set)   # Event reasons already posted
+    provision_run: str = ""              # names of its runs, computed once
+    failed_run: str = ""
+
+    def __post_init__(self) -> None:
+        self.provision_run = c.provision_run_name(self.uid)
+        self.failed_run = c.provision_failed_run_name(self.uid)
 
     @property
     def ours(self) -> bool:
