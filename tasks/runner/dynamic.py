@@ -165,14 +165,20 @@ def retire(provider: Provider, records: Records, vm: VM, why: str,
 
 
 def launch_ready(kube: Kube, namespace: str, provider: Provider, records: Records,
-                 dyn: Dynamic, holder: Holder | None) -> tuple[VM | None, str | None, str]:
+                 dyn: Dynamic, holder: Holder | None, keep=None
+                 ) -> tuple[VM | None, str | None, str]:
     """Reserve, launch and boot one VM; with ``holder`` take its first place before it is
-    ready (no warm claim can race for it). (vm, place, "") or (None, None, why)."""
+    ready (no warm claim can race for it). (vm, place, "") or (None, None, why).
+    ``keep(record)``, asked once the record is reserved: False gives it back unlaunched
+    (why "surplus")."""
     priv, pub = buildsecret.new_keypair()
     pub = " ".join(pub.split()[:2])
     rec = records.reserve(dyn, pub, holder.uid if holder else "")
     if rec is None:
         return None, None, "quota"
+    if keep is not None and not keep(rec):
+        records.delete(rec)
+        return None, None, "surplus"
     vm = rec
     started = time.monotonic()
     try:
@@ -519,17 +525,37 @@ def sweep(kube: Kube, namespace: str, pool: Pool, build_state) -> Report:
         need = min(dyn.min_idle - len(warm), dyn.max_instances - len(vms))
         if need <= 0:
             continue
+        keep = _warm_keep(records, dyn)
         with ThreadPoolExecutor(max_workers=min(need, 8)) as ex:
-            results = list(ex.map(lambda _: launch_ready(kube, namespace, prov, records, dyn, None),
-                                  range(need)))
+            results = list(ex.map(
+                lambda _: launch_ready(kube, namespace, prov, records, dyn, None, keep),
+                range(need)))
         for vm, _, why in results:
             if vm is not None:
                 rep.launched_warm.append(vm.name)
-            elif why != "quota":
+            elif why not in ("quota", "surplus"):
                 rep.errors.append(f"{dyn.platform}: warm launch failed: {why}")
     log.event("dynamic sweep done", orphans=rep.terminated_orphans, retired=rep.retired,
               places=rep.released_places, warm=rep.launched_warm, errors=rep.errors)
     return rep
+
+
+def _warm_keep(records: Records, dyn: Dynamic):
+    """Whether a just-reserved warm record is one of the ``minIdle`` the platform lacks.
+
+    Sweeps may overlap (a restarted watcher starts one while the old one's run goes on):
+    each reserves records for the warm VMs it finds missing, then keeps a record only if
+    it is among the first missing ones, by name, of all warm records being launched. Every
+    sweep sees the same order, and records only leave it, so together they keep minIdle,
+    not minIdle each."""
+    def keep(rec: VM) -> bool:
+        vms = records.all(dyn.platform)
+        busy = {(p.metadata.labels or {}).get(contract.LABEL_VM) for p in records.all_places()}
+        ready = [v for v in vms if _reusable(dyn, v) and v.name not in busy]
+        starting = sorted(v.name for v in vms if v.state in (LAUNCHING, BOOTING)
+                          and not v.holder_uid and not v.stale)
+        return rec.name in starting[:max(0, dyn.min_idle - len(ready))]
+    return keep
 
 
 def _retire_reason(kube: Kube, records: Records, prov: Provider, dyn: Dynamic | None, vm: VM,

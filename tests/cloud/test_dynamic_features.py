@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
 from kubernetes import client
 
 from mpc.runner import contract
@@ -275,3 +276,25 @@ def test_shared_vm_dying_under_its_builds_leaves_nothing(cloud, namespace):
         delete_taskrun(cloud.ctl.kube, tr)
     sweep(cloud.kube, cloud.ctl.namespace)
     assert _alive(cloud) == set() and cloud.records() == [] and _places(cloud) == []
+
+
+def test_spot_refused_falls_back_to_on_demand(cloud, namespace):
+    """aws.spot: launches ask for spot; when EC2 has no spot capacity the same build gets
+    an on-demand VM instead (one VM, not two)."""
+    doc = cloud.pool(maxInstances=2)
+    doc["dynamic"][0]["aws"]["spot"] = True
+    cloud.ctl.set_pool_text(yaml.safe_dump(doc))
+    a = make_taskrun(cloud.ctl.kube, namespace, platform=PLATFORM)
+    assert _serve(cloud, a).result == "served"
+    (ia,) = cloud.hv.alive()
+    assert ia.get("InstanceLifecycle") == "spot"
+    cloud.proxy.refuse_spot = 1
+    b = make_taskrun(cloud.ctl.kube, namespace, platform=PLATFORM)
+    assert _serve(cloud, b).result == "served"
+    assert cloud.proxy.injected.get("spot") == 1
+    _, vb = _where(cloud, b)
+    ib = next(i for i in cloud.hv.alive() if i["InstanceId"] == vb)
+    assert ib.get("InstanceLifecycle") != "spot" and len(cloud.hv.seen) == 2
+    for tr in (a, b):
+        assert _release(cloud, tr).errors == []
+    assert _alive(cloud) == set() and cloud.records() == []

@@ -5,8 +5,9 @@ it, and a simulated hypervisor that makes every instance the API reports reachab
 to it over HTTP exactly as to EC2. ``Ec2Proxy``: a loopback HTTP proxy that
 forwards to it and, per API action, answers ``RequestLimitExceeded`` (HTTP
 503, EC2's XML error) a given number of times, forwards a call and then
-never answers it (a client killed after the cloud acted), or holds a call
-back without forwarding it and then refuses it (a request lost in transit). ``Hypervisor``: a
+never answers it (a client killed after the cloud acted), holds a call
+back without forwarding it and then refuses it (a request lost in transit), or
+refuses spot launches for lack of capacity. ``Hypervisor``: a
 thread that lists the instances through the API; for each new one it reads
 the user data the way cloud-init does (the host key in ``ssh_keys``) and the
 key pair's public key, and boots an SSH test host (``sshhosts.py``) at the
@@ -88,6 +89,12 @@ THROTTLED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>
              b'</Error></Errors><RequestID>mpc-test-proxy</RequestID></Response>')
 
 
+NO_CAPACITY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+               b'<Code>InsufficientInstanceCapacity</Code><Message>There is no Spot capacity '
+               b'available that matches your request.</Message></Error></Errors>'
+               b'<RequestID>mpc-test-proxy</RequestID></Response>')
+
+
 class Ec2Proxy:
     """Loopback proxy in front of moto that injects faults per EC2 action."""
 
@@ -99,6 +106,7 @@ class Ec2Proxy:
         # the next n calls of an action wait (never forwarded) until ``unstall`` is set,
         # then are refused as throttled: a request lost in transit, retried later
         self.stall: dict[str, int] = {}
+        self.refuse_spot = 0                       # the next n spot launches: no capacity
         self.stalled = threading.Event()
         self.unstall = threading.Event()
         self.held = threading.Event()              # set once a held call reached moto
@@ -119,11 +127,23 @@ class Ec2Proxy:
                     stall = proxy.stall.get(action, 0) > 0
                     if stall:
                         proxy.stall[action] -= 1
+                    spot = (action == "RunInstances" and proxy.refuse_spot > 0
+                            and b"InstanceMarketOptions.MarketType=spot" in body)
+                    if spot:
+                        proxy.refuse_spot -= 1
+                        proxy.injected["spot"] = proxy.injected.get("spot", 0) + 1
                     refuse = stall or proxy.throttle.get(action, 0) > 0
                     if refuse and not stall:
                         proxy.throttle[action] -= 1
                     if refuse:
                         proxy.injected[action] = proxy.injected.get(action, 0) + 1
+                if spot:
+                    self.send_response(400)
+                    self.send_header("Content-Type", "text/xml")
+                    self.send_header("Content-Length", str(len(NO_CAPACITY)))
+                    self.end_headers()
+                    self.wfile.write(NO_CAPACITY)
+                    return
                 if stall:
                     proxy.stalled.set()
                     proxy.unstall.wait()
