@@ -1,8 +1,8 @@
 """The watcher's wiring: watches fill the cache and queue builds; workers reconcile them.
 
 * Watches (``informer.Reflector``): TaskRuns (every namespace, or the
-  --watch-namespace list), mpc's PipelineRuns and sweep TaskRuns, and the
-  slot Leases, all in the controller namespace. Handlers are cheap: they
+  --watch-namespace list), mpc's PipelineRuns and sweep TaskRuns, the slot
+  Leases and the dynamic hosts' Leases, all in the controller namespace. Handlers are cheap: they
   update ``store`` and queue the build a change concerns.
 * Workers take build uids from the queue and run ``Reconciler.reconcile``
   (reconcile.py) one build at a time; a ``("run", name)`` key deletes a
@@ -20,6 +20,7 @@ import threading
 import time
 
 from mpc.runner import contract as c
+from mpc.runner import vms
 
 from . import detect, gc, kube as k, objects
 from .config import Config
@@ -42,7 +43,7 @@ class Controller:
         self.ns = cfg.namespace
         self.store = Store(objects.ANN_CANCEL_REQUESTED)
         self.queue = WorkQueue()
-        self.metrics = Metrics(self.snapshot, lambda: len(self.queue))
+        self.metrics = Metrics(self.snapshot, lambda: len(self.queue), self._dynamic)
         self.pool = PoolReader(kube, self.ns, cfg.pool_configmap)
         self.reconciler = Reconciler(kube, cfg, self.store, self.pool, self.metrics, self.queue)
         self.counted: set[str] = set()  # finished runs already counted in the metrics
@@ -82,8 +83,11 @@ class Controller:
                       owns=lambda r: r.role != sweep, selector=MANAGED)
         self._reflect("sweeps", k.taskruns(self.ns), self.on_run, "runs",
                       owns=lambda r: r.role == sweep, selector=f"{MANAGED},{c.LABEL_ROLE}={sweep}")
-        self._reflect("slots", k.path("coordination.k8s.io", "v1", "leases", self.ns),
-                      self.on_slot, "slots", selector=f"{MANAGED},{c.LABEL_ROLE}=slot")
+        leases = k.path("coordination.k8s.io", "v1", "leases", self.ns)
+        self._reflect("slots", leases, self.on_slot, "slots",
+                      selector=f"{MANAGED},{c.LABEL_ROLE}=slot")
+        self._reflect("vms", leases, self.on_vm_lease, "vm_leases", selector=(
+            f"{MANAGED},{c.LABEL_ROLE} in ({c.ROLE_VM},{c.ROLE_VM_BUILD},{c.ROLE_VM_STATS},waiter)"))
         for r in self.reflectors:
             r.start()
         self._thread("start", self._start_workers)
@@ -188,6 +192,23 @@ class Controller:
                 self.reconciler.wake(None)         # a slot is free: the oldest waiters look
         else:
             self.store.put_slot(lease)
+
+    def on_vm_lease(self, etype: str, lease: dict) -> None:
+        self.metrics.watch_events.labels("lease").inc()
+        if etype == "DELETED":
+            self.store.drop_vm_lease(detect.meta(lease, "name", ""))
+        else:
+            self.store.put_vm_lease(lease)
+
+    def _dynamic(self) -> dict[str, dict]:
+        """The dynamic platforms now (``vms.summary`` of the cached Leases), for /metrics."""
+        try:
+            pool, _ = self.pool.get()
+        except ApiError:
+            pool = None             # every platform with a Lease is still reported
+        with self.store.lock:
+            leases = list(self.store.vm_leases.values())
+        return vms.summary(leases, [d.platform for d in pool.dynamic] if pool else ())
 
     def snapshot(self) -> dict[str, tuple[int, int]]:
         """(waiting, running) builds per platform label, for the gauges."""

@@ -12,7 +12,8 @@ import threading
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                     HistogramMetricFamily)
 
 PREFIX = "mpc_glue"
 _WELL_FORMED = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,30}(/[a-z0-9][a-z0-9_.-]{0,30})?$")
@@ -72,9 +73,50 @@ class _BuildGauges:
         return []
 
 
+class _DynamicHosts:
+    """Cloud VMs per dynamic platform, computed at scrape time from the watcher's cache
+    (``mpc.runner.vms.summary``): the provisioning Tasks keep their counters in Leases,
+    since a Task pod's own counters die with it."""
+
+    COUNTERS = {"launches": "VMs launched", "launch_failures": "launches that failed",
+                "warm_claims": "builds served by a warm VM",
+                "quota_blocked": "builds that found the platform's VM quota exhausted",
+                "orphans_terminated": "VMs the sweep terminated that no record held"}
+
+    def __init__(self, summary: Callable[[], dict[str, dict]]):
+        self.summary = summary
+
+    def collect(self):
+        p = f"{PREFIX}_dynamic"
+        instances = GaugeMetricFamily(f"{p}_instances", "Cloud VMs by state",
+                                      labels=["platform", "state"])
+        builds = GaugeMetricFamily(f"{p}_builds", "Builds on cloud VMs", labels=["platform"])
+        waiting = GaugeMetricFamily(f"{p}_waiting", "Builds waiting for a cloud VM",
+                                    labels=["platform"])
+        counters = {k: CounterMetricFamily(f"{p}_{k}", v, labels=["platform"])
+                    for k, v in self.COUNTERS.items()}
+        boot = HistogramMetricFamily(f"{p}_boot_seconds", "VM launch -> SSH answering",
+                                     labels=["platform"])
+        for platform, row in sorted(self.summary().items()):
+            for state, n in row["instances"].items():
+                instances.add_metric([platform, state], n)
+            builds.add_metric([platform], row["builds"])
+            waiting.add_metric([platform], row["waiting"])
+            for k, fam in counters.items():
+                fam.add_metric([platform], row[k])
+            b = row["boot_seconds"]
+            boot.add_metric([platform], [("+Inf" if le == float("inf") else str(le), n)
+                                         for le, n in b["buckets"]], b["sum"])
+        yield from (instances, builds, waiting, *counters.values(), boot)
+
+    def describe(self):
+        return []
+
+
 class Metrics:
     def __init__(self, snapshot: Callable[[], dict[str, tuple[int, int]]],
-                 queue_depth: Callable[[], int]):
+                 queue_depth: Callable[[], int],
+                 dynamic: Callable[[], dict[str, dict]] = dict):
         self.registry = r = CollectorRegistry()
         self.platform = PlatformLabels()
         self.runs_started = Counter(f"{PREFIX}_runs_started", "PipelineRuns started",
@@ -106,3 +148,4 @@ class Metrics:
         Gauge(f"{PREFIX}_queue_depth", "Keys waiting in the work queue",
               registry=r).set_function(queue_depth)
         r.register(_BuildGauges(snapshot))
+        r.register(_DynamicHosts(dynamic))

@@ -9,6 +9,8 @@ Three kinds of objects are kept, each as a small view of the object:
 * ``Run``: one of mpc's PipelineRuns in the controller namespace, by name.
 * ``SlotLease``: a host slot Lease the provisioning Tasks took, by name (the
   watcher admits builds only while their platform has free slots).
+* the dynamic hosts' Leases (VM records, places, stats, waiters) as they are:
+  the metrics of cloud VMs are computed from them (``mpc.runner.vms.summary``).
 
 Write responses are stored like watch events, and a view never goes back to an
 older resourceVersion, so a decision made right after our own write sees it.
@@ -96,6 +98,7 @@ class Store:
         self.builds: dict[str, Build] = {}
         self.runs: dict[str, Run] = {}
         self.slots: dict[str, SlotLease] = {}
+        self.vm_leases: dict[str, dict] = {}    # dynamic hosts' Leases, as the API gave them
         self._cancel_ann = cancel_annotation
         self._listing: dict[str, set] = {}
 
@@ -177,6 +180,16 @@ class Store:
     def drop_slot(self, name: str) -> SlotLease | None:
         with self.lock:
             return self.slots.pop(name, None)
+
+    # --- dynamic hosts' Leases (records, places, stats, waiters): for the metrics ------
+    def put_vm_lease(self, lease: dict) -> None:
+        with self.lock:
+            self.vm_leases[lease["metadata"]["name"]] = lease
+            self._seen("vm_leases", lease["metadata"]["name"])
+
+    def drop_vm_lease(self, name: str) -> None:
+        with self.lock:
+            self.vm_leases.pop(name, None)
 
     # --- full LISTs: what a relist did not show is gone ----------------------------
     def _seen(self, kind: str, key: str) -> None:
