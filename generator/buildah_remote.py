@@ -29,7 +29,9 @@ What the transformation touches:
 What the wrapper needs in the pod: bash, ssh, rsync (and buildah, to load the
 image; python3 for the registry proxy that keeps registry credentials in the
 pod: templates/registry-proxy.py); on the host: rsync and podman, rootless or
-granted through ``sudo -n podman``.
+granted through ``sudo -n podman``; or, when the build's secret says ``builder: host``
+(a pool host that cannot run containers), no podman: buildah and the build's tools
+on the host, run as root through ``sudo -n /usr/bin/unshare -m`` (host.sh).
 """
 from __future__ import annotations
 
@@ -173,6 +175,7 @@ def wrapper_script(*, original: str, image_var: str | None, dirs: list[tuple[str
         "@HOST_SCRIPT@": _template("buildah-remote-host.sh").rstrip("\n"),
         "@REGISTRY_PROXY@": _template("registry-proxy.py").rstrip("\n"),
         "@USER_LABEL@": contract.LABEL_BUILD_USER,
+        "@UNSHARE@": contract.HOST_BUILDER_COMMAND,
         "@EOF_MARK@": _heredoc_mark(original),
     }
     if image_var:

@@ -2,9 +2,69 @@
 # mpc buildah-remote: runs on the build host as the build user, started over SSH
 # by the wrapper. params.sh (next to it) holds the values, each shell-quoted.
 set -euo pipefail
-here="$(dirname "$0")"
+here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=/dev/null
 . "$here/params.sh"
+
+# builder: host (the pool's opt-in for hosts that cannot run containers, e.g. QEMU
+# user-emulated ones): no builder container. The original build script runs as
+# root on the host, with the host's own tools, in a mount namespace of its own
+# (`sudo unshare -m`, the command provisioning allows for such a host), where the
+# directories the container would have had are bind-mounted at the pod's paths.
+unshare_cmd=@UNSHARE@
+host_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+# As root, inside the namespace: the mounts, then the runner with the build's env.
+in_namespace() {
+  local i order src dst line
+  # parents before what is mounted inside them: shorter pod paths first
+  order="$(i=0
+    while [ "$i" -lt "${#BINDS[@]}" ]; do
+      printf '%s %s\n' "${#BINDS[i+1]}" "$i"
+      i=$((i + 3))
+    done | sort -n | cut -d' ' -f2)"
+  for i in $order; do
+    src="${BINDS[i]}" dst="${BINDS[i+1]}"
+    mkdir -p "$src" "$dst"
+    mount --bind "$src" "$dst"
+    if [ "${BINDS[i+2]}" = ro ]; then mount -o remount,bind,ro "$dst"; fi
+  done
+  # the pod's registry proxy as a mirror: the host's drop-ins and ours, in a copy
+  if [ -f /mpc/scripts/registries.conf ]; then
+    mkdir -p /etc/containers/registries.conf.d "$BUILD_DIR/registries.conf.d"
+    cp -a /etc/containers/registries.conf.d/. "$BUILD_DIR/registries.conf.d/"
+    cp /mpc/scripts/registries.conf "$BUILD_DIR/registries.conf.d/zz-mpc-pod-registries.conf"
+    mount --bind "$BUILD_DIR/registries.conf.d" /etc/containers/registries.conf.d
+  fi
+  # the env file: one NAME=value a line, as podman's --env-file reads it
+  local env_args=()
+  while IFS= read -r line; do env_args+=("$line"); done < "$BUILD_DIR/env/build.env"
+  mkdir -p "$WORKDIR"
+  cd "$WORKDIR"
+  exec env -i "PATH=$host_path" HOME=/root "${env_args[@]}" /mpc/scripts/run "${ARGS[@]}" </dev/null
+}
+
+if [ "${BUILDER:-container}" = host ]; then
+  case "${1:-}" in
+    --in-namespace) in_namespace ;;
+    --give-back)
+      # root wrote files: the build's own container storage goes, the rest back to the user
+      rm -rf "$BUILD_DIR/storage" "$BUILD_DIR/run-containers"
+      chown -R "$2" "$BUILD_DIR"
+      exit 0 ;;
+  esac
+  if ! sudo -n "$unshare_cmd" --version >/dev/null 2>&1; then
+    echo "mpc: the pool runs builds on $(hostname) as root (builder: host), but no sudo rule lets $(id -un) run $unshare_cmd" >&2
+    exit 1
+  fi
+  echo "mpc: no builder container on $(hostname) (pool: builder: host): the build script runs there as root with the host's tools" >&2
+  rc=0
+  sudo -n "$unshare_cmd" -m /bin/bash "$here/host.sh" --in-namespace || rc=$?
+  rm -f "$BUILD_DIR/env/build.env"
+  sudo -n "$unshare_cmd" -m /bin/bash "$here/host.sh" --give-back "$(id -u):$(id -g)" \
+    || rc=$((rc ? rc : 1))
+  exit "$rc"
+fi
 
 # Rootless podman first. A host admin who cannot offer user namespaces grants
 # the build user `sudo podman` instead (e.g. the provisioner's sudo rule).

@@ -31,6 +31,14 @@ if [ "$ssh_host" = localhost ]; then
 fi
 
 user_dir="$(cat "$ssh_dir/user-dir")"
+# how the host runs the build: in the builder container (the default), or, for a
+# host the pool says cannot run containers, as root on the host itself
+builder=container
+if [ -s "$ssh_dir/builder" ]; then builder="$(cat "$ssh_dir/builder")"; fi
+case "$builder" in
+  container | host) ;;
+  *) echo "mpc: the secret names an unknown builder: $builder" >&2; exit 1 ;;
+esac
 remote="$user_dir/mpc-build"
 install -m 0600 "$ssh_dir/id_rsa" "$work/id"
 ssh_opts=(-F /dev/null -i "$work/id" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR
@@ -237,16 +245,23 @@ if [ -n "${HOME:-}" ]; then env_add HOME "$HOME"; fi
 @FORWARD_ENV@
 if [ -n "${@IMAGE_VAR@:-}" ]; then env_add MPC_EXPORT_IMAGE "$@IMAGE_VAR@"; fi
 if [ "${#escaped[@]}" -gt 0 ]; then env_add MPC_ENV_ESCAPED "${escaped[*]}"; fi
+# builder: host: the same directories, bind-mounted (<host path> <pod path> <rw|ro> each)
+binds=("$remote/scripts" /mpc/scripts ro "$remote/out" /mpc/out rw
+  "$remote/storage" /var/lib/containers rw "$remote/run-containers" /run/containers rw)
 i=0
 while [ "$i" -lt "${#dirs[@]}" ]; do
   opt="${dirs[i+2]},Z"
   run_opts+=(-v "$remote/${dirs[i+1]}:${dirs[i]}:${opt/rw,/}")
+  binds+=("$remote/${dirs[i+1]}" "${dirs[i]}" "${dirs[i+2]}")
   i=$((i + 4))
 done
 {
   printf 'BUILD_DIR=%q\n' "$remote"
+  printf 'BUILDER=%q\n' "$builder"
   printf 'BUILDER_IMAGE=%q\n' "$MPC_BUILDER_IMAGE"
+  printf 'WORKDIR=%q\n' "$PWD"
   printf 'RUN_OPTS=('; printf ' %q' "${run_opts[@]}"; printf ' )\n'
+  printf 'BINDS=('; printf ' %q' "${binds[@]}"; printf ' )\n'
   printf 'ARGS=('; printf ' %q' "$@"; printf ' )\n'
 } > "$work/scripts/params.sh"
 # what comes back anyway: an OCI layout of the image the build left there is not sent twice
@@ -265,7 +280,11 @@ while [ "$i" -lt "${#dirs[@]}" ]; do
   i=$((i + 4))
 done
 
-echo "mpc: building on $ssh_host in $MPC_BUILDER_IMAGE" >&2
+if [ "$builder" = host ]; then
+  echo "mpc: building on $ssh_host as root on the host (builder: host), not in $MPC_BUILDER_IMAGE" >&2
+else
+  echo "mpc: building on $ssh_host in $MPC_BUILDER_IMAGE" >&2
+fi
 # shellcheck disable=SC2029 # one quoted word for the remote shell
 ssh "${ssh_opts[@]}" "$ssh_host" "bash $(q "$remote/scripts/host.sh")" </dev/null
 

@@ -3,8 +3,9 @@
 ``multi-platform-ssh-<taskrun>`` in the build's namespace, owned by the
 TaskRun (so it dies with it) and labelled as mpc's. Keys, as Konflux's
 buildah-remote expects: ``id_rsa``, ``host``, ``user-dir`` (+ ``known_hosts``, and
-``registry-port`` for an mpc build user: the port its key may forward),
-or only ``error``.
+``registry-port`` for an mpc build user: the port its key may forward; ``builder``
+= ``host`` for a pool host with ``builder: host``: the build runs as root on the
+host, no builder container), or only ``error``.
 
 The Tasks' account may not ``get`` Secrets outside the controller namespace
 (that would read every Secret in the cluster). It reads one of mpc's own with

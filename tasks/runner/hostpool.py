@@ -57,6 +57,7 @@ class Host:
     sudo_commands: tuple[str, ...] = ()
     limits: tuple[tuple[str, int], ...] = ()
     drain: bool = False     # no new builds; running ones finish and release normally
+    builder: str = contract.BUILDER_CONTAINER   # or BUILDER_HOST: the build script runs as root
 
     @property
     def known_hosts_line(self) -> str | None:
@@ -261,7 +262,8 @@ def from_document(doc: Any) -> Pool:
         platform=h["platform"], concurrency=h["concurrency"], port=h.get("port", 22),
         host_key=h.get("hostKey"), sudo_commands=tuple(h.get("sudoCommands", ())),
         limits=tuple(sorted(h.get("limits", {}).items())),
-        drain=h.get("drain", False)) for h in doc["hosts"])
+        drain=h.get("drain", False),
+        builder=h.get("builder", contract.BUILDER_CONTAINER)) for h in doc["hosts"])
     allowed = doc.get("allowedNamespaces")
     return Pool(hosts=hosts, local_platforms=tuple(doc.get("localPlatforms", ())),
                 allowed_namespaces=tuple(allowed) if allowed is not None else None,

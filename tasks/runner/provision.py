@@ -89,7 +89,10 @@ def live_taskrun(kube: Kube, req: Request) -> dict | None:
 
 
 def sudo_rule(host: Host) -> str:
-    return ", ".join(host.sudo_commands)
+    commands = list(host.sudo_commands)
+    if host.builder == contract.BUILDER_HOST and contract.HOST_BUILDER_COMMAND not in commands:
+        commands.append(contract.HOST_BUILDER_COMMAND)     # the pool's opt-in to root
+    return ", ".join(commands)
 
 
 def limit_lines(host: Host, user: str) -> str:
@@ -223,7 +226,9 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
             return Outcome("gone", round_trips=trips)
         buildsecret.write(kube, taskrun, {
             contract.KEY_PRIVATE_KEY: priv, contract.KEY_HOST: f"{user}@{host.address}",
-            contract.KEY_USER_DIR: user_dir, contract.KEY_KNOWN_HOSTS: known_hosts + "\n"})
+            contract.KEY_USER_DIR: user_dir, contract.KEY_KNOWN_HOSTS: known_hosts + "\n",
+            **({contract.KEY_BUILDER: host.builder}
+               if host.builder != contract.BUILDER_CONTAINER else {})})
         log.event("provisioned", host=host.name, slot=slot.index, user=user, **ids)
         return Outcome("served", host=host.name, round_trips=trips, failed_hosts=failed)
 

@@ -74,9 +74,10 @@ TIMEOUT = float(os.environ.get("MPC_RUN_TIMEOUT", "1800"))
 RUNTIME_FAILURES = ("container create failed (no logs from conmon)", "runc create failed",
                     "could not ensure we are a cloned binary", "Failed to re-execute libcrun",
                     "cannot clone: Invalid argument", "read init-p")
-# qemu-user cannot give an emulated process a user namespace, so rootless podman cannot run
-# there: the pool grants the build user root's podman, as an admin of such a host would
-SUDO_COMMANDS = ("/usr/bin/podman",)
+# qemu-user cannot start a container at all (no user namespace for rootless podman, no
+# namespace clone for runc/crun under root's): the pool says so per host, and buildah-remote
+# runs the build script as root on the host itself (provisioning grants sudo unshare for it)
+BUILDER = c.BUILDER_HOST
 _T0 = time.monotonic()
 
 
@@ -255,13 +256,14 @@ def base_index(node: Node, log: Callable[[str], None] = say) -> str:
     libraries, taken from the cached foreign rootfs (so its binaries are of that
     architecture), as one index."""
     repo = "e2e/demo-base"
-    keys = {a: foreignroot.cache_key(a) for a in ARCHES}
+    # recipe 2: each path once in the layer (buildah refuses duplicates when it applies it)
+    keys = {**{a: foreignroot.cache_key(a) for a in ARCHES}, "recipe": "2"}
     tag = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
     if _exists(node, repo, tag):
         return f"{REGISTRY}/{repo}:{tag}"
     members = {}
     for arch in ARCHES:
-        mtag = f"{arch}-{keys[arch]}"
+        mtag = f"{arch}-{keys[arch]}-{keys['recipe']}"
         members[arch] = mtag
         if _exists(node, repo, mtag):
             continue
@@ -273,7 +275,12 @@ def base_index(node: Node, log: Callable[[str], None] = say) -> str:
             _extract(foreignroot.ensure_rootfs(arch), root)
             layer = Path(tmp) / "layer.tar"
             with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as t:
+                added: set[str] = set()
+
                 def add(name: str, path: Path | None) -> None:
+                    if name in added:       # two needed names for one file (a symlink's target)
+                        return
+                    added.add(name)
                     ti = t.gettarinfo(str(path), name) if path else tarfile.TarInfo(name)
                     if path is None:
                         ti.type, ti.mode = tarfile.DIRTYPE, 0o755
@@ -337,13 +344,14 @@ echo "pushed the index $INDEX@$(cat /tmp/digest)"
 
 
 def demo_pipelinerun(name: str, bundle: str, builder: str, base: str, image: str,
-                     claim: str) -> dict:
+                     claim: str, timeout: float = TIMEOUT) -> dict:
     return {
         "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "mpc-demo"}},
         "spec": {
             "workspaces": [{"name": "src", "persistentVolumeClaim": {"claimName": claim}}],
-            "timeouts": {"pipeline": "1h"},
+            # Tekton ends it (and its pods) when whoever follows it gives up
+            "timeouts": {"pipeline": f"{int(timeout)}s"},
             "pipelineSpec": {
                 "workspaces": [{"name": "src"}],
                 "results": [{"name": "INDEX", "value": "$(tasks.index.results.INDEX_DIGEST)"}],
@@ -489,7 +497,8 @@ def run_demo(node: Node, kube, ns: str, name: str, bundle: str, builder: str, ba
             raise
     claim = make_claim(node, kube, ns, f"{name}-src")
     co.create_namespaced_custom_object("tekton.dev", "v1", ns, "pipelineruns",
-                                       demo_pipelinerun(name, bundle, builder, base, image, claim))
+                                       demo_pipelinerun(name, bundle, builder, base, image, claim,
+                                                        timeout))
     log(f"PipelineRun {ns}/{name} created: source -> build (matrix over "
         f"{', '.join(PLATFORMS)}, buildah-remote from {bundle.split('@')[0]}) -> index")
     seen: dict[str, str] = {}
@@ -566,6 +575,7 @@ def inspect_index(node: Node, ref: str, work: Path) -> list[dict]:
     digest = ref.split("@")[1]
     raw, _ = _registry(node, "GET", f"{repo}/manifests/{digest}")
     index = json.loads(raw)
+    work.mkdir(parents=True, exist_ok=True)     # skopeo's dir: makes the last part only
     out = []
     for i, m in enumerate(index.get("manifests", [])):
         d = work / f"img{i}"
@@ -599,10 +609,7 @@ def inspect_index(node: Node, ref: str, work: Path) -> list[dict]:
 def pool_entries(hosts: list[dict]) -> list[dict]:
     return [{"name": h["name"], "address": h["address"], "user": h["admin_user"],
              "secret": f"admin-{h['name']}", "platform": f"linux/{h['arch']}", "concurrency": 1,
-             "hostKey": h["host_public_key"],
-             # what the admin of a host without user namespaces grants (buildah-remote's
-             # host script falls back to it when rootless podman cannot run)
-             "sudoCommands": list(SUDO_COMMANDS)} for h in hosts]
+             "hostKey": h["host_public_key"], "builder": BUILDER} for h in hosts]
 
 
 def install_pool(kube, hosts: list[dict], ns: str = "mpc") -> None:
@@ -833,13 +840,11 @@ def run(name: str) -> int:
             msg = explain(out)
             print("\nFAILED (not a known limit):\n" + msg)
         except BuildBlocked as e:
-            print("\nBLOCKED: the builds were provisioned on the emulated arm64/s390x hosts, "
-                  "their inputs copied and the builder image pulled there, but the hosts' "
-                  "podman cannot start the builder container under qemu-user: runc's nsexec "
-                  "clone into new namespaces is not emulated (conmon gets no answer from "
-                  "runc), and rootless podman gets no user namespace. buildah-remote always "
-                  "runs its build in that container, so no image is built and no index "
-                  "pushed. See docs/emulated-hosts.md.\n" + str(e))
+            print("\nBLOCKED: a build on an emulated arm64/s390x host tried to start a "
+                  "container, which qemu-user cannot (runc's nsexec clone into new namespaces "
+                  "is not emulated; rootless podman gets no user namespace), although the "
+                  "pool gives these hosts builder: host. No index pushed. See "
+                  "docs/emulated-hosts.md.\n" + str(e))
     kc = node.kubeconfig
     print(f"""
 The cluster stays up. To look around:

@@ -15,6 +15,7 @@ import tarfile
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mpc.generator import buildah_remote as br
@@ -231,3 +232,42 @@ def test_hostile_env_and_args_arrive_literally_on_the_host(build_host, pod_rootf
     after = pod.run("after")
     assert after.returncode == 0, after.stderr
     assert (out / "where-after").read_text() == "podman\n"
+
+
+@pytest.mark.parametrize("arch", ["arm64", "s390x"])
+def test_builder_host_on_an_emulated_host(arch, make_host, pod_rootfs, registry, tmp_path):
+    """A pool host with ``builder: host`` (one that cannot run containers: QEMU user
+    emulation): the secret says so, and the build script runs as root on the host
+    itself in a private mount namespace (the build user's sudo rule: only unshare, as
+    provisioning writes it), with the pod's paths bind-mounted; the image is of the
+    host's architecture and comes back to the pod as usual."""
+    from mpc.runner import contract
+    from tests.infra.sshhosts import add_user
+
+    from .conftest import BUILD_USER, BuildHost
+    h = make_host(arch=arch)
+    bh = BuildHost(h, BUILD_USER, add_user(h, BUILD_USER, tmp_path, contract.HOST_BUILDER_COMMAND))
+    secret = bh.secret(tmp_path / "secret")
+    (secret / contract.KEY_BUILDER).write_text(contract.BUILDER_HOST)
+    task = yaml.safe_load(REMOTE_TASK.read_text())
+    marker = uuid.uuid4().hex
+    image = f"{registry.address}/mpc-test/emulated-{arch}:v1"
+    # the builder image is not used: no container starts on this host
+    pod = new_pod(tmp_path, pod_rootfs, task, secret, IMAGE=image, TLSVERIFY="false",
+                  BUILDER_IMAGE="localhost/not-pulled:1", PLATFORM=f"linux/{arch}",
+                  IMAGE_APPEND_PLATFORM="true", BUILD_ARGS=[f"GREETING=hello from {arch}"])
+    (pod.ws_dirs["source"] / "Containerfile").write_text(CONTAINERFILE)
+    (pod.ws_dirs["source"] / "hello.txt").write_text(marker)
+
+    build = pod.run("build", timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    assert "as root on the host (builder: host)" in build.stderr
+    # nothing of the build stays on the host, and root's mounts stayed in their namespace
+    assert h.exec(f"test -e /home/{BUILD_USER}/mpc-build", check=False).returncode == 1
+    assert "/workspace" not in h.exec("cat /proc/self/mountinfo").stdout
+    push = pod.run("push")
+    assert push.returncode == 0, push.stderr[-4000:]
+    config, files = pulled(registry, f"{image}-linux-{arch}", tmp_path / "pulled")
+    assert config["architecture"] == arch, config
+    assert files["hello.txt"] == marker.encode()
+    assert config["config"]["Labels"]["greeting"] == f"hello from {arch}"

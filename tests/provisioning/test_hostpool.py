@@ -292,3 +292,19 @@ def test_validate_cli_reports_konflux_errors_with_paths(tmp_path: Path):
         "(linux/arm64), <os>-<flavour>/<arch> (linux-m2xlarge/arm64), local or localhost",
         f"{f}: $.allowedNamespaces[1]: '*-tenant' is not a valid regular expression: "
         "nothing to repeat at position 0"], r.stderr
+
+
+def test_builder_host_is_opt_in_and_grants_unshare():
+    """``builder: host`` (hosts that cannot run containers): the build user's sudo rule
+    gets the command buildah-remote's host script runs the build with; the default
+    (container) changes nothing."""
+    from mpc.runner import contract, provision
+    (h,) = hostpool.from_document(GOOD).hosts
+    assert h.builder == contract.BUILDER_CONTAINER
+    assert provision.sudo_rule(h) == "/usr/bin/podman"
+    doc = {**GOOD, "hosts": [{**GOOD["hosts"][0], "builder": "host"}]}
+    (h,) = hostpool.from_document(doc).hosts
+    assert h.builder == contract.BUILDER_HOST
+    assert provision.sudo_rule(h) == f"/usr/bin/podman, {contract.HOST_BUILDER_COMMAND}"
+    bad = {**GOOD, "hosts": [{**GOOD["hosts"][0], "builder": "vm"}]}
+    assert any("builder" in e for e in hostpool.validate(bad))
