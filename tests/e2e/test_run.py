@@ -7,14 +7,15 @@ of ``buildah-remote`` from its bundle, then an index step) must push one image
 index whose manifests say arm64 and s390x and whose binaries are of those
 architectures (``file`` and the ELF header of ``/usr/bin/ls`` from each image).
 
-Known limit (docs/emulated-hosts.md): buildah-remote runs its builder container
-with podman on the host, and qemu-user (7.2 and 10.0 alike) cannot start a
-container: rootless podman needs a user namespace (``unshare(CLONE_NEWUSER)`` is
-EINVAL in an emulated, hence multi-threaded, process) and root's podman needs
-runc/crun, whose namespace ``clone()`` / memfd re-exec qemu-user does not emulate.
-So the builds fail on the hosts and the test is a strict xfail on exactly that
-(``runjob.BuildBlocked``, raised only when every failed build's log shows it);
-any other failure fails the test.
+qemu-user cannot start a container (docs/emulated-hosts.md), so the pool gives
+these hosts ``builder: host``: buildah-remote runs the build script as root on
+the host itself (``sudo unshare -m``, the pod's paths bind-mounted), with the
+host's buildah. A failure of any kind fails the test (``runjob.explain``).
+
+Bounded: the test function ends within ``LIMIT`` seconds (pytest-timeout; the
+session's ``mpc`` fixture is not charged to it, the emulated hosts' setup has its
+own bounded waits), and the PipelineRun's own Tekton timeout is shorter, so a
+stuck build never holds ``make test`` for long.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ from . import runjob
 from .install import NS, PREPARE_HOST
 from .node import REGISTRY
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
+LIMIT = 600                 # the test function: images pushed, builds, index checked
+BUILD_LIMIT = 420           # the PipelineRun (Tekton times it out too): ~100 s when it works
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(LIMIT, func_only=True)]
 
 MACHINE = {"linux/arm64": ("aarch64", 183), "linux/s390x": ("IBM S/390", 22)}
 
@@ -59,10 +62,6 @@ def emulated_pool(mpc, host_farm):
             h.destroy()
 
 
-@pytest.mark.xfail(strict=True, raises=runjob.BuildBlocked, reason=(
-    "qemu-user cannot start a container on the emulated hosts (rootless: no user namespace; "
-    "root: runc/crun cannot clone into namespaces), and buildah-remote always runs its "
-    "builder with podman on the host; see docs/emulated-hosts.md"))
 def test_make_run_builds_one_index_of_arm64_and_s390x_images(mpc, emulated_pool, e2e_namespace,
                                                              tmp_path):
     node, kube, ns = mpc.node, mpc.kube, e2e_namespace
@@ -70,10 +69,10 @@ def test_make_run_builds_one_index_of_arm64_and_s390x_images(mpc, emulated_pool,
     base = runjob.base_index(node, log=print)
     image = f"{REGISTRY}/demo/hello:{ns}"
     out = runjob.run_demo(node, kube, ns, "multiarch", mpc.bundles["task-buildah-remote"],
-                          builder, base, image, log=print, timeout=1800)
+                          builder, base, image, log=print, timeout=BUILD_LIMIT)
     try:
         if not out.index:
-            pytest.fail(runjob.explain(out))     # raises BuildBlocked on the known limit
+            pytest.fail(runjob.explain(out))
         images = runjob.inspect_index(node, out.index, tmp_path)
         assert sorted(m["platform"] for m in images) == sorted(runjob.PLATFORMS), images
         for m in images:
