@@ -127,8 +127,10 @@ class Reconciler:
         with self.store.lock:
             (self.parked.add if d.verdict == capacity.WAIT else self.parked.discard)(b.uid)
         if d.verdict == capacity.WAIT:
-            self._decision("platform full; build waits", b, position=d.position,
-                           waiting=d.waiting)
+            if b.queue_position != d.position:      # every status update of a pending
+                b.queue_position = d.position       # build comes here: log news only
+                self._decision("platform full; build waits", b, position=d.position,
+                               waiting=d.waiting)
             self._event(b, "Queued", f"Waiting for a free {b.platform} host: {d.position} "
                         f"build(s) ahead, {d.free} slot(s) free", warning=False)
             self.queue.add_after(b.uid, min(RECHECK_SECONDS, d.timeout_in + 0.5))

@@ -48,6 +48,7 @@ class Build:
     gone: bool = False                   # deleted (or replaced by a namesake)
     first_seen: float = 0.0
     reported: set = field(default_factory=set)   # Event reasons already posted
+    queue_position: int | None = None    # last position logged while it waited
     provision_run: str = ""              # names of its runs, computed once
     failed_run: str = ""
 

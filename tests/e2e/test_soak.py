@@ -212,6 +212,7 @@ class Build:
     secret_at: float = 0.0
     served_host: str = ""                # pool host name from the secret
     error: str = ""                      # the error secret's message
+    reason: str = ""                     # reason: message of its Succeeded condition
     touched: list[str] = field(default_factory=list)   # faults aimed at this build
     outcome: str = ""
     log: str = ""
@@ -290,6 +291,8 @@ class Soak:
             ok = c.succeeded(tr)
             if ok is not None and b.status is None:
                 b.status, b.done_at = ok, time.time()
+                cond = c.succeeded_condition(tr) or {}
+                b.reason = f"{cond.get('reason', '')}: {cond.get('message', '')[:300]}"
             b.step_running = any(s.get("running") for s in (tr.get("status") or {}).get("steps") or ())
 
     def on_secret(self, typ: str, s: dict) -> None:
@@ -805,6 +808,13 @@ def find_leaks(soak: Soak) -> dict[str, list]:
     return out
 
 
+# Reasons Tekton gives a TaskRun it failed itself, never because of a missing or late
+# secret (a build waiting for mpc stays Pending until its own timeout: TaskRunTimeout,
+# which is not in this list)
+CLUSTER_FAILURES = {"PodCreationFailed", "CreateContainerConfigError", "TaskRunImagePullFailed",
+                    "TaskRunValidationFailed", "TaskRunResolutionFailed"}
+
+
 def classify(soak: Soak) -> None:
     """Why each build ended as it did; UNEXPLAINED/HUNG ones fail the soak."""
     for b in soak.builds.values():
@@ -834,9 +844,14 @@ def classify(soak: Soak) -> None:
                              f"{[h.name for h in soak.hosts if soak.was_down(h.name, b.created, b.done_at)]})")
         elif b.served_host and soak.was_down(b.served_host, b.secret_at, b.done_at):
             b.outcome = f"failed: its host {b.served_host} went down under it"
+        elif not b.secret_at and b.reason.split(":")[0] in CLUSTER_FAILURES:
+            # Tekton failed it before mpc answered (its pod could not be made, e.g. while
+            # the API server restarted): mpc's part is only to leave nothing behind
+            b.outcome = f"failed by the cluster before its secret: {b.reason}"
         else:
             b.outcome = (f"UNEXPLAINED: failed (served by {b.served_host or 'nobody'}, secret "
-                         f"{'seen' if b.secret_at else 'never seen'}; log {b.log[-400:]!r})")
+                         f"{'seen' if b.secret_at else 'never seen'}; {b.reason}; "
+                         f"log {b.log[-400:]!r})")
 
 
 def failed_runs(soak: Soak) -> str:
