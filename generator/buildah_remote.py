@@ -36,7 +36,6 @@ on the host, run as root through ``sudo -n /usr/bin/unshare -m`` (host.sh).
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import shlex
 from dataclasses import dataclass, field
