@@ -1,4 +1,4 @@
-"""`make run`: the whole product assembled in one command, with no cluster."""
+"""`make bundles-check` (`mpc bundles run`): the whole product assembled in one command, with no cluster."""
 from __future__ import annotations
 
 import re
@@ -34,11 +34,11 @@ def test_run_on_a_small_catalog(small_catalog):
     assert "pipeline.tekton.dev/demo" in r.out     # the OBJECTS column comes from tkn bundle list
 
 
-def test_make_run(tmp_path):
+def test_make_bundles_check(tmp_path):
 
     names = [b["name"] for b in yaml.safe_load((REPO / "bundles/bundles.yaml").read_text())["bundles"]]
     # deps/venv/upstream are the install steps `make test` already ran
-    r = subprocess.run(["make", "--no-print-directory", "-o", "deps", "-o", "venv", "-o", "upstream", "run"],
+    r = subprocess.run(["make", "--no-print-directory", "-o", "deps", "-o", "venv", "-o", "upstream", "bundles-check"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     # every generator ran in --check mode, then the whole catalog was pushed
