@@ -30,8 +30,10 @@ def moto(workdir):
     m.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cloud_farm(host_farm):
+    # package scope: the farm and its unreachable route go when tests/cloud is done,
+    # before later tiers check that farms leave no route behind
     host_farm._extract()
     farm = HostFarm(session=f"{os.getpid() % 10000:04d}c", base=host_farm.base)
     # instances that have not booted (or never will) are unreachable at once: their

@@ -12,6 +12,7 @@ Users created on a host live only in its overlay, never in this machine's
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shlex
 import shutil
@@ -351,6 +352,9 @@ def _claim_subnet() -> tuple[str, Path]:
     raise RuntimeError("no free test subnet in 192.168.200-249")
 
 
+_FARMS = itertools.count()
+
+
 class HostFarm:
     """Creates and destroys SSH hosts for one test session.
 
@@ -360,7 +364,9 @@ class HostFarm:
     """
 
     def __init__(self, session: str | None = None, base: Path | None = None):
-        self.session = session or f"{os.getpid() % 100000:05d}"
+        # one name space per farm: a process may run several at once (the session's
+        # farm keeps the e2e install's hosts while a teardown test makes its own)
+        self.session = session or f"{os.getpid() % 100000:05d}{next(_FARMS)}"
         self.SUBNET, self._lock = _claim_subnet()
         self.hosts: list[SSHHost] = []
         self.dir = Path(tempfile.mkdtemp(prefix=f"mpc-hosts-{self.session}-", dir="/dev/shm"))
