@@ -20,10 +20,10 @@ platform stayed full.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 from mpc.runner import hostpool, slots
 
+from .objects import parse_time
 from .store import Build, Store
 
 ADMIT, WAIT, TIMED_OUT = "admit", "wait", "timed-out"
@@ -36,13 +36,6 @@ class Decision:
     waiting: int = 0
     free: int = 0
     timeout_in: float = 0.0  # seconds until a waiting build has waited maxWaitSeconds
-
-
-def _created(ts: str) -> float:
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
 
 
 def free_slots(pool: hostpool.Pool, platform: str, store: Store) -> int:
@@ -86,7 +79,7 @@ def decide(pool: hostpool.Pool | None, store: Store, uid: str, now: float) -> De
                 in_flight += 1
     if position < free - in_flight:
         return Decision(ADMIT, position, queued, free)
-    left = (_created(b.created) + pool.max_wait_seconds - now) if b.created else 1e9
+    left = ((parse_time(b.created) or 0.0) + pool.max_wait_seconds - now) if b.created else 1e9
     if left <= 0:
         return Decision(TIMED_OUT, position, queued, free)
     return Decision(WAIT, position, queued, free, left)
