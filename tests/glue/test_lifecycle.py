@@ -175,9 +175,12 @@ def test_events_metrics_and_probes(tekton, watcher, namespace, ctrl_ns, kube):
     assert 'mpc_glue_builds_running{platform="linux/arm64"} 0.0' in w.metrics()
     wait_for("deprovisioning started", lambda: w.metric("mpc_glue_runs_started_total",
                                                         role="deprovision") == 1, timeout=30)
+    # the Event is written just after the run (and the counter): wait for it, not the counter
+    wait_for("deprovisioning event", lambda: ("Normal", "Deprovisioning") in
+             events_for(kube, namespace, "m"), timeout=30, log=w.log)
     evs = events_for(kube, namespace, "m")
     assert ("Normal", "ProvisioningStarted") in evs and ("Normal", "Provisioned") in evs
-    assert ("Normal", "Deprovisioning") in evs and len(evs) == len(set(evs))
+    assert len(evs) == len(set(evs))
     # one JSON object per line, decisions carry namespace/name/uid
     import json
     lines = [json.loads(ln) for ln in w.log_text().splitlines() if ln.startswith("{")]
