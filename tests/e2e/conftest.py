@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import time
 import warnings
 import uuid
 
@@ -24,6 +23,7 @@ from kubernetes import client
 
 from . import hostcheck
 from .node import Node, other_instances_live, state_root
+from .runjob import ensure_namespace
 
 
 def _claim() -> tuple[Node, object | None, bool]:
@@ -90,19 +90,9 @@ def e2e_kube(e2e_node) -> client.ApiClient:
 def e2e_namespace(e2e_kube) -> str:
     """A fresh namespace on the e2e node whose ``default`` ServiceAccount exists."""
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    core = client.CoreV1Api(e2e_kube)
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            core.read_namespaced_service_account("default", name)
-            break
-        except client.ApiException as e:
-            if e.status != 404 or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    ensure_namespace(e2e_kube, name)
     yield name
-    core.delete_namespace(name)
+    client.CoreV1Api(e2e_kube).delete_namespace(name)
 
 
 @pytest.fixture

@@ -50,10 +50,7 @@ def _ts(s: str) -> datetime:
 
 
 def _cond(obj: dict) -> dict:
-    for cond in (obj.get("status") or {}).get("conditions") or ():
-        if cond.get("type") == "Succeeded":
-            return cond
-    return {}
+    return c.succeeded_condition(obj) or {}
 
 
 def wait_for(what: str, check, timeout: float = TIMEOUT, interval: float = 0.5):

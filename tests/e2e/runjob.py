@@ -395,6 +395,7 @@ def demo_pipelinerun(name: str, bundle: str, builder: str, base: str, image: str
 
 
 def ensure_namespace(kube, ns: str) -> None:
+    """Namespace ``ns`` exists (made if missing) and its ``default`` ServiceAccount too."""
     core = client.CoreV1Api(kube)
     try:
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
@@ -461,10 +462,7 @@ def drop_claim(node: Node, kube, ns: str, name: str) -> None:
 
 
 def _cond(obj: dict) -> dict:
-    for cond in (obj.get("status") or {}).get("conditions") or ():
-        if cond.get("type") == "Succeeded":
-            return cond
-    return {}
+    return c.succeeded_condition(obj) or {}
 
 
 def _state(obj: dict) -> str:
@@ -786,7 +784,7 @@ def wait_watcher(kube, timeout: float = 600) -> None:
 
 
 def run(name: str) -> int:
-    from .install import _push_builder, _release   # noqa: F401 - the e2e's own release path
+    from .install import _release   # the e2e's own release path
     node = Node(name)
     emulation.check_machine_binfmt_untouched()
     if node.running():
