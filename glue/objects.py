@@ -36,11 +36,6 @@ def parse_time(value: str | None) -> float | None:
         return None
 
 
-def _labels(role: str, uid: str, namespace: str) -> dict:
-    return {c.LABEL_MANAGED: c.MANAGED_VALUE, c.LABEL_ROLE: role,
-            c.LABEL_TASKRUN_UID: uid, c.LABEL_TASKRUN_NAMESPACE: namespace}
-
-
 def ref(kind: str, name: str, bundle: str | None) -> dict:
     """A pipelineRef/taskRef: by name in the cluster, or through the bundles resolver."""
     if not bundle:
@@ -76,7 +71,7 @@ def _build_run(run: str, role: str, pipeline: str, controller_ns: str, sa: str,
     return {
         "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
         "metadata": {"name": run, "namespace": controller_ns,
-                     "labels": _labels(role, uid, namespace), "annotations": ann},
+                     "labels": c.build_labels(role, uid, namespace), "annotations": ann},
         "spec": {"pipelineRef": ref("pipeline", pipeline, bundle),
                  "params": [{"name": k, "value": v} for k, v in params.items()],
                  "taskRunTemplate": {"serviceAccountName": sa}, **spec},

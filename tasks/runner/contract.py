@@ -33,6 +33,10 @@ BUILDER_CONTAINER = "container"
 BUILDER_HOST = "host"
 HOST_BUILDER_COMMAND = "/usr/bin/unshare"
 LOCALHOST = "localhost"
+# The build's share of its namespace's layer cache on the host (the pool's layerCache):
+# a directory only this build user can enter, holding the builder's container storage
+# and the last build's copy of the workspaces (docs/layer-cache.md). Absent: no cache.
+KEY_CACHE_DIR = "cache-dir"
 
 # --- labels/annotations on everything mpc creates ---------------------------------
 LABEL_MANAGED = f"{DOMAIN}/managed-by"          # value: MANAGED_VALUE
@@ -61,6 +65,11 @@ ANN_EXCLUDED_HOSTS = f"{DOMAIN}/excluded-hosts"
 # buildah-remote labels the containers it runs with the build user (value: the user
 # name); deprovisioning removes root's containers (the sudo podman path) by it.
 LABEL_BUILD_USER = f"{DOMAIN}/build-user"
+
+# Where the layer caches live on a host (root's, outside every build user's home):
+# ns/<cache key>/cache at rest, held/<build user> while a build of that namespace has it.
+CACHE_ROOT = "/var/lib/mpc-cache"
+CACHE_KEY_RE = re.compile(r"^n-[0-9a-f]{24}$")
 
 # --- the host pool ---------------------------------------------------------------
 HOST_POOL_CONFIGMAP = "mpc-host-pool"           # key POOL_KEY holds the YAML pool
@@ -114,6 +123,11 @@ def build_user(namespace: str, taskrun_name: str, taskrun_uid: str) -> str:
 
 USER_RE = re.compile(r"^u-[0-9a-f]{24}$")
 
+
+def cache_key(namespace: str) -> str:
+    """The name of ``namespace``'s layer cache on a host: ``n-`` + 24 hex chars."""
+    return "n-" + _short("layer-cache", namespace, length=24)
+
 # The build key may listen on exactly one port of the host's loopback (authorized_keys
 # permitlisten): buildah-remote forwards its in-pod registry proxy there, so that registry
 # credentials never reach the host. Below Linux's ephemeral range (32768-60999).
@@ -148,6 +162,12 @@ def waiter_name(taskrun_uid: str) -> str:
 # --- where a build is in its life ------------------------------------------------
 # The watcher and the runner must agree on when a build stops needing its host:
 # this is the one parser of Tekton's Succeeded condition.
+def build_labels(role: str, uid: str, namespace: str) -> dict[str, str]:
+    """The labels every object mpc keeps for one build carries (runs, slot Leases)."""
+    return {LABEL_MANAGED: MANAGED_VALUE, LABEL_ROLE: role,
+            LABEL_TASKRUN_UID: uid, LABEL_TASKRUN_NAMESPACE: namespace}
+
+
 def succeeded_condition(obj: dict | None) -> dict | None:
     """A Tekton run's ``Succeeded`` condition, or None if it has none yet."""
     for cond in ((obj or {}).get("status") or {}).get("conditions") or ():

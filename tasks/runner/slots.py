@@ -85,9 +85,7 @@ class Holder:
         return contract.build_user(self.namespace, self.name, self.uid)
 
     def labels(self, role: str) -> dict[str, str]:
-        return {contract.LABEL_MANAGED: contract.MANAGED_VALUE, contract.LABEL_ROLE: role,
-                contract.LABEL_TASKRUN_UID: self.uid,
-                contract.LABEL_TASKRUN_NAMESPACE: self.namespace,
+        return {**contract.build_labels(role, self.uid, self.namespace),
                 f"{contract.DOMAIN}/platform-key": platform_key(self.platform)}
 
     def annotations(self) -> dict[str, str]:
