@@ -23,6 +23,12 @@ What the transformation touches:
   ``IMAGE: $(params.IMAGE)`` is added to ``stepTemplate`` if missing): the
   wrapper must know the image, and IMAGE_APPEND_PLATFORM changes it. Inside a
   here-document with a quoted delimiter (never expanded) it is an error.
+* a Task with Konflux's ``PRIVILEGED_NESTED`` param (buildah 0.2 on: "true"
+  builds privileged, nested, "only with remote VMs") gets env
+  ``MPC_PRIVILEGED_NESTED: $(params.PRIVILEGED_NESTED)`` in the build step; when
+  it is "true" the builder runs ``podman run --privileged`` (every capability and
+  device, /dev/fuse among them, no SELinux label) with /var/tmp bind-mounted
+  from the build's directory on the host (``builder: host``: the same bind).
 * other steps keep running in the pod; those whose shell script uses the
   image variable get the IMAGE_APPEND_PLATFORM snippet after their ``#!`` line.
 
@@ -54,6 +60,9 @@ SSH_VOLUME = "mpc-ssh"
 SSH_MOUNT = "/ssh"
 APPEND_PARAM = "IMAGE_APPEND_PLATFORM"
 BUILDER_IMAGE_ENV = "MPC_BUILDER_IMAGE"
+# Konflux's buildah (0.2 on): "true" builds privileged, nested (only on remote VMs)
+NESTED_PARAM = "PRIVILEGED_NESTED"
+NESTED_ENV = "MPC_PRIVILEGED_NESTED"
 # rsync for the workspace copies: whole files (the host side starts empty),
 # no compression (builds mostly move already-compressed or local-network data)
 RSYNC_OPTS = ("-rlpt", "--whole-file", "--timeout=300")
@@ -147,9 +156,19 @@ def _uses_var(script: str, var: str) -> bool:
     return re.search(r"\$\{?" + re.escape(var) + r"\b", script) is not None
 
 
+def _block(text: str, mark: str, keep: bool) -> str:
+    """``text`` with the lines between ``# @mark@ begin`` and ``end`` kept or dropped."""
+    if not keep:
+        text = re.sub(rf"# @{mark}@ begin\n.*?# @{mark}@ end\n", "", text, flags=re.S)
+    return re.sub(rf"# @{mark}@ (begin|end)\n", "", text)
+
+
 def wrapper_script(*, original: str, image_var: str | None, dirs: list[tuple[str, str, str, str]],
-                   forward_env: list[str], podman_opts: list[str], append_platform: bool) -> str:
-    """The build step's new script. ``dirs``: (pod path or "$VAR", host name, rw|ro, yes|no)."""
+                   forward_env: list[str], podman_opts: list[str], append_platform: bool,
+                   privileged_nested: bool = False) -> str:
+    """The build step's new script. ``dirs``: (pod path or "$VAR", host name, rw|ro, yes|no);
+    ``privileged_nested``: the Task has PRIVILEGED_NESTED (its value comes in env
+    MPC_PRIVILEGED_NESTED)."""
     if not original.startswith("#!"):
         original = TEKTON_DEFAULT_SHEBANG + original
     original = original.rstrip("\n")
@@ -180,9 +199,10 @@ def wrapper_script(*, original: str, image_var: str | None, dirs: list[tuple[str
     if image_var:
         subs["@IMAGE_VAR@"] = image_var
     else:   # no image to bring back: drop the lines that load it
-        text = re.sub(r"# @IMAGE_LOAD@ begin\n.*?# @IMAGE_LOAD@ end\n", "", text, flags=re.S)
+        text = _block(text, "IMAGE_LOAD", False)
         text = "\n".join(ln for ln in text.splitlines() if "@IMAGE_VAR@" not in ln) + "\n"
-    text = re.sub(r"# @IMAGE_LOAD@ (begin|end)\n", "", text)
+    text = _block(text, "IMAGE_LOAD", True)
+    text = _block(text, "PRIVILEGED_NESTED", privileged_nested)
     for k, v in subs.items():
         text = text.replace(k, v)
     # last: the original script must not be scanned for placeholders
@@ -422,14 +442,20 @@ def transform(task: CommentedMap, opts: Options, doc: Splicer | None = None,
     original = scripts.get(id(build), str(build["script"]))
     if info is not None:
         info["embedded"] = original
+    # PRIVILEGED_NESTED: its value reaches the wrapper (not the build: it has its own env)
+    nested = NESTED_PARAM in declared
+    if nested and NESTED_ENV in tenv_names + benv_names:
+        raise GeneratorError(f"the input already has an env {NESTED_ENV}")
     wrapper = wrapper_script(original=original, image_var=image_var, dirs=dirs,
                              forward_env=forward, podman_opts=_podman_opts(build),
-                             append_platform=image_var is not None)
+                             append_platform=image_var is not None, privileged_nested=nested)
     if any(line != line.rstrip() for line in wrapper.splitlines()):
         # YAML block scalars keep them, but they make diffs unreadable
         warnings.append("the wrapper has lines ending in blanks (from the original script)")
     ed.set(build, "script", LiteralScalarString(wrapper))
-    for var, value in [(BUILDER_IMAGE_ENV, build.get("image") or template.get("image")), *ws_env]:
+    nested_env = [(NESTED_ENV, f"$(params.{NESTED_PARAM})")] if nested else []
+    for var, value in [(BUILDER_IMAGE_ENV, build.get("image") or template.get("image")), *ws_env,
+                       *nested_env]:
         if value is None:
             raise GeneratorError(f"build step {opts.build_step!r} has no image")
         ed.append(build_env, CommentedMap([("name", var), ("value", value)]))

@@ -42,6 +42,10 @@ indentation):
     the pod's container storage, so later steps (push, SBOM) run unchanged in
     the pod. An image the build saved itself as an OCI layout in a directory
     that comes back is loaded from there (it crosses the network once).
+  * a Task with a PRIVILEGED_NESTED param (Konflux's buildah 0.2 on): when the
+    TaskRun sets it to "true", the builder container on the host runs
+    --privileged (all capabilities and devices, /dev/fuse, no SELinux label)
+    with /var/tmp bind-mounted from the build's directory on the host.
   * a proxy env (BUILDAH_HTTP_PROXY, HTTP(S)_PROXY, ALL_PROXY, ...) naming a
     host only the cluster resolves (*.svc, *.cluster.local, a name the build
     host cannot resolve) is not passed to the build host, nor the NO_PROXY

@@ -155,6 +155,17 @@ to_host() { nested "$1"; rsync "${rsync_opts[@]}" "${excl[@]}" -s -e "$rsh" "$1/
 from_host() { nested "$2"; rsync "${rsync_opts[@]}" "${excl[@]}" -s -e "$rsh" "$ssh_host:$1/" "$2/"; }
 
 mkdirs=("$remote/scripts" "$remote/out" "$remote/env")
+# @PRIVILEGED_NESTED@ begin
+# The Task's PRIVILEGED_NESTED=true ("only with remote VMs", as here): the build nests
+# containers (RUN gets every capability, /dev/fuse, no SELinux label), so the builder
+# runs privileged, with /var/tmp on the host's disk rather than in the container's
+# overlay (image-mode tools keep caches there that need a real file system).
+privileged_nested=no
+if [ "${MPC_PRIVILEGED_NESTED:-}" = true ]; then
+  privileged_nested=yes
+  mkdirs+=("$remote/var-tmp")
+fi
+# @PRIVILEGED_NESTED@ end
 i=0
 while [ "$i" -lt "${#dirs[@]}" ]; do
   mkdirs+=("$remote/${dirs[i+1]}")
@@ -177,6 +188,12 @@ chmod 0755 "$work/scripts/run" "$work/scripts/build"
 run_opts=(--user "$(id -u):$(id -g)" --workdir "$PWD"
   -v "$remote/scripts:/mpc/scripts:ro,Z" -v "$remote/out:/mpc/out:Z" -v /var/lib/containers)
 @PODMAN_OPTS@
+# @PRIVILEGED_NESTED@ begin
+if [ "$privileged_nested" = yes ]; then
+  echo "mpc: PRIVILEGED_NESTED=true: the build runs privileged on the host, /var/tmp bind-mounted from $remote/var-tmp" >&2
+  run_opts+=(--privileged -v "$remote/var-tmp:/var/tmp:z")
+fi
+# @PRIVILEGED_NESTED@ end
 
 # Registry credentials stay in this pod. The build host pulls from the
 # registries the pod has credentials for through a pull-only proxy running
@@ -248,6 +265,9 @@ if [ "${#escaped[@]}" -gt 0 ]; then env_add MPC_ENV_ESCAPED "${escaped[*]}"; fi
 # builder: host: the same directories, bind-mounted (<host path> <pod path> <rw|ro> each)
 binds=("$remote/scripts" /mpc/scripts ro "$remote/out" /mpc/out rw
   "$remote/storage" /var/lib/containers rw "$remote/run-containers" /run/containers rw)
+# @PRIVILEGED_NESTED@ begin
+if [ "$privileged_nested" = yes ]; then binds+=("$remote/var-tmp" /var/tmp rw); fi
+# @PRIVILEGED_NESTED@ end
 i=0
 while [ "$i" -lt "${#dirs[@]}" ]; do
   opt="${dirs[i+2]},Z"

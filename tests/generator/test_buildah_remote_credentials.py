@@ -96,28 +96,33 @@ def _blob(layout: Path, data: bytes) -> dict:
     return {"digest": f"sha256:{d}", "size": len(data)}
 
 
+def oci_layout(layout: Path, layer: bytes, ref: str) -> Path:
+    """An OCI layout of a one-layer linux/amd64 image (``layer``: an uncompressed tar)."""
+    (layout / "blobs/sha256").mkdir(parents=True)
+    gz = gzip.compress(layer, mtime=0)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [
+                             "sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **_blob(layout, config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    **_blob(layout, gz)}]}).encode()
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", **_blob(layout, manifest),
+        "annotations": {"org.opencontainers.image.ref.name": ref}}]}))
+    return layout
+
+
 def private_base(registry: Registry, ref: str, tmp: Path, marker: str) -> None:
     """A one-layer image with /base-marker.txt, pushed with the registry's credentials."""
-    layout = tmp / "base-layout"
-    (layout / "blobs/sha256").mkdir(parents=True)
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as t:
         info = tarfile.TarInfo("base-marker.txt")
         info.size = len(marker)
         t.addfile(info, io.BytesIO(marker.encode()))
-    layer = gzip.compress(raw.getvalue(), mtime=0)
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [
-                             "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()]}}).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **_blob(layout, config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    **_blob(layout, layer)}]}).encode()
-    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", **_blob(layout, manifest),
-        "annotations": {"org.opencontainers.image.ref.name": "base"}}]}))
+    layout = oci_layout(tmp / "base-layout", raw.getvalue(), "base")
     subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false",
                     f"--dest-creds={REG_USER}:{REG_PASSWORD}", f"oci:{layout}:base",
                     f"docker://{ref}"], check=True, capture_output=True, text=True)
