@@ -63,9 +63,11 @@ BUILDER_IMAGE_ENV = "MPC_BUILDER_IMAGE"
 # Konflux's buildah (0.2 on): "true" builds privileged, nested (only on remote VMs)
 NESTED_PARAM = "PRIVILEGED_NESTED"
 NESTED_ENV = "MPC_PRIVILEGED_NESTED"
-# rsync for the workspace copies: whole files (the host side starts empty),
-# no compression (builds mostly move already-compressed or local-network data)
-RSYNC_OPTS = ("-rlpt", "--whole-file", "--timeout=300")
+# rsync for the workspace copies: compressed (rsync negotiates the best codec both ends
+# have: zstd, lz4, zlib; already-compressed suffixes are skipped), and rsync's delta
+# transfer, which pays off when the host keeps the last build's copy (the namespace's
+# layer cache, docs/layer-cache.md): unchanged files are not sent at all
+RSYNC_OPTS = ("-rlpt", "--compress", "--timeout=300")
 CONTAINER_STORAGE = "/var/lib/containers"
 # volume sources that are read-only by nature: copied to the host, never back
 READONLY_SOURCES = ("secret", "configMap", "projected", "downwardAPI")

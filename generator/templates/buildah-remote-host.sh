@@ -84,9 +84,22 @@ rm -f "$BUILD_DIR/out/rootless.err"
 # Labelled with the build user: deprovisioning removes root's containers by it,
 # whatever still runs when the build is cancelled.
 label=(--label "@USER_LABEL@=$(id -un)")
+# The builder's container storage: the namespace's layer cache when the pool gives it
+# one (only to rootless podman, which writes it as this user; docs/layer-cache.md), with
+# buildah's layer cache on (BUILDAH_LAYERS, unless the build's env sets it); else an
+# empty volume of this build alone.
+storage=(-v /var/lib/containers)
+if [ -n "${CACHE_DIR:-}" ] && [ "${podman[0]}" != sudo ] && [ "$(id -u)" != 0 ]; then
+  mkdir -p "$CACHE_DIR/storage"
+  storage=(-v "$CACHE_DIR/storage:/var/lib/containers:Z")
+  if ! grep -q '^BUILDAH_LAYERS=' "$BUILD_DIR/env/build.env"; then
+    echo BUILDAH_LAYERS=true >> "$BUILD_DIR/env/build.env"
+  fi
+  echo "mpc: using the namespace's layer cache on $(hostname)" >&2
+fi
 # The env comes in a file only this user (and root) can read: never on a command line.
 rc=0
-"${podman[@]}" run --rm "${label[@]}" --env-file "$BUILD_DIR/env/build.env" "${RUN_OPTS[@]}" \
+"${podman[@]}" run --rm "${label[@]}" --env-file "$BUILD_DIR/env/build.env" "${storage[@]}" "${RUN_OPTS[@]}" \
   --entrypoint /mpc/scripts/run "$BUILDER_IMAGE" "${ARGS[@]}" </dev/null || rc=$?
 rm -f "$BUILD_DIR/env/build.env"
 if [ "${podman[0]}" = sudo ]; then

@@ -40,6 +40,9 @@ case "$builder" in
   *) echo "mpc: the secret names an unknown builder: $builder" >&2; exit 1 ;;
 esac
 remote="$user_dir/mpc-build"
+# the namespace's layer cache on the host, when the pool gives it one (docs/layer-cache.md)
+cache_dir=""
+if [ -s "$ssh_dir/cache-dir" ] && [ "$builder" = container ]; then cache_dir="$(cat "$ssh_dir/cache-dir")"; fi
 install -m 0600 "$ssh_dir/id_rsa" "$work/id"
 ssh_opts=(-F /dev/null -i "$work/id" -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR
   -o ConnectTimeout=30 -o ServerAliveInterval=60 -o ServerAliveCountMax=10
@@ -151,7 +154,7 @@ nested() {
     j=$((j + 4))
   done
 }
-to_host() { nested "$1"; rsync "${rsync_opts[@]}" "${excl[@]}" -s -e "$rsh" "$1/" "$ssh_host:$2/"; }
+to_host() { nested "$1"; rsync "${rsync_opts[@]}" --delete "${excl[@]}" -s -e "$rsh" "$1/" "$ssh_host:$2/"; }
 from_host() { nested "$2"; rsync "${rsync_opts[@]}" "${excl[@]}" -s -e "$rsh" "$ssh_host:$1/" "$2/"; }
 
 mkdirs=("$remote/scripts" "$remote/out" "$remote/env")
@@ -171,8 +174,21 @@ while [ "$i" -lt "${#dirs[@]}" ]; do
   mkdirs+=("$remote/${dirs[i+1]}")
   i=$((i + 4))
 done
+# With the namespace's layer cache, the writable workspaces (and /workspace) live in it:
+# the last build's copy there is rsync's basis, so only what changed crosses. $remote
+# links to them; volumes and results stay this build's own (and go after it).
+links=""
+i=0
+while [ -n "$cache_dir" ] && [ "$i" -lt "${#dirs[@]}" ]; do
+  case "${dirs[i+1]}:${dirs[i+2]}" in
+    workspace:rw | workspaces/*:rw)
+      kept="$cache_dir/inputs/${dirs[i+1]}" link="$remote/${dirs[i+1]}"
+      links+=" && mkdir -p $(q "$kept") && rmdir $(q "$link") && ln -s $(q "$kept") $(q "$link")" ;;
+  esac
+  i=$((i + 4))
+done
 # shellcheck disable=SC2029 # expanded here on purpose, each word quoted for the remote shell
-ssh "${ssh_opts[@]}" "$ssh_host" "rm -rf $(q "$remote") && mkdir -p$(printf ' %q' "${mkdirs[@]}")"
+ssh "${ssh_opts[@]}" "$ssh_host" "rm -rf $(q "$remote") && mkdir -p$(printf ' %q' "${mkdirs[@]}")$links"
 
 mkdir -p "$work/scripts"
 cp "$work/build" "$work/scripts/build"
@@ -186,7 +202,7 @@ chmod 0755 "$work/scripts/run" "$work/scripts/build"
 
 # The builder container: same image, user, working directory, env, mount paths and args.
 run_opts=(--user "$(id -u):$(id -g)" --workdir "$PWD"
-  -v "$remote/scripts:/mpc/scripts:ro,Z" -v "$remote/out:/mpc/out:Z" -v /var/lib/containers)
+  -v "$remote/scripts:/mpc/scripts:ro,Z" -v "$remote/out:/mpc/out:Z")
 @PODMAN_OPTS@
 # @PRIVILEGED_NESTED@ begin
 if [ "$privileged_nested" = yes ]; then
@@ -279,6 +295,7 @@ done
   printf 'BUILD_DIR=%q\n' "$remote"
   printf 'BUILDER=%q\n' "$builder"
   printf 'BUILDER_IMAGE=%q\n' "$MPC_BUILDER_IMAGE"
+  printf 'CACHE_DIR=%q\n' "$cache_dir"
   printf 'WORKDIR=%q\n' "$PWD"
   printf 'RUN_OPTS=('; printf ' %q' "${run_opts[@]}"; printf ' )\n'
   printf 'BINDS=('; printf ' %q' "${binds[@]}"; printf ' )\n'

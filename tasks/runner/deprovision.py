@@ -8,7 +8,8 @@ the slot, drop a queue entry, delete the build's secret. Safe to repeat.
 with Succeeded True or False, deleted, being deleted, or replaced by a
 namesake), waiter entries of builds that are done, and ``u-*`` users on
 pool hosts that no slot accounts for (by user name: a build's user is unique
-to it, so a renamed host's users are never taken for strays). Users are
+to it, so a renamed host's users are never taken for strays), and the layer
+caches of namespaces the pool's ``layerCache`` no longer lists. Users are
 listed *before* slots, so a build being provisioned right now (slot first,
 then user) is never mistaken for an orphan. Waiters whose provisioner died
 while its build lives are removed by the live waiters that observe them
@@ -36,7 +37,7 @@ from .kube import Kube
 from .poolsource import load_pool
 from .provision import build_state
 from .release import REMOVED_HOST_GRACE_SECONDS, Report, release_slots, remove_users
-from .remote import HostError, script
+from .remote import HostError, parse_output, script
 from .slots import Slots
 
 
@@ -98,10 +99,24 @@ def deprovision(kube: Kube, controller_namespace: str, namespace: str, name: str
     return report
 
 
-def list_users(kube: Kube, namespace: str, host) -> list[str]:
+def list_users(kube: Kube, namespace: str, host) -> tuple[list[str], dict[str, str]]:
+    """The build users on ``host`` and its namespaces' layer caches at rest (key -> namespace)."""
     with hostkeys.session(kube, namespace, host) as s:
-        out = s.run(script("list-users.sh"))
-    return [u for u in out.split() if contract.USER_RE.match(u)]
+        out = s.run(script("list-users.sh", CACHE_ROOT=contract.CACHE_ROOT))
+    caches = dict((line.split(" ", 1) + [""])[:2] for line in parse_output(out, "MPC_CACHE"))
+    return ([u for u in out.splitlines() if contract.USER_RE.match(u)],
+            {k: ns for k, ns in caches.items() if contract.CACHE_KEY_RE.match(k)})
+
+
+def drop_caches(kube: Kube, namespace: str, pool: Pool, host, caches: dict[str, str]) -> list[str]:
+    """Remove the layer caches on ``host`` of namespaces the pool no longer gives one."""
+    stale = sorted(k for k, ns in caches.items() if not pool.layer_cache_for(ns))
+    if stale:
+        with hostkeys.session(kube, namespace, host) as s:
+            s.run(script("drop-caches.sh", CACHE_ROOT=contract.CACHE_ROOT, CACHE_KEYS=" ".join(stale)))
+        log.event("layer caches removed (no longer in the pool's layerCache)", host=host.name,
+                  caches=stale, namespaces=sorted({caches[k] for k in stale}))
+    return stale
 
 
 def sweep(kube: Kube, controller_namespace: str,
@@ -114,8 +129,9 @@ def sweep(kube: Kube, controller_namespace: str,
     users_on: dict[str, list[str]] = {}
     for host in (pool.hosts if pool else ()):
         try:
-            users_on[host.name] = list_users(kube, controller_namespace, host)
+            users_on[host.name], caches = list_users(kube, controller_namespace, host)
             report.round_trips += 1
+            report.round_trips += bool(drop_caches(kube, controller_namespace, pool, host, caches))
         except HostError as e:
             report.errors.append(str(e))
     # 2. slots whose build is done (finished, deleted or replaced), never "still exists"

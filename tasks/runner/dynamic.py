@@ -303,7 +303,7 @@ def provision(kube: Kube, req, pool: Pool, dyn: Dynamic, taskrun: dict, poll: fl
                 host = vm_host(dyn, vm)
                 priv, pub = buildsecret.new_keypair()
                 try:
-                    user_dir, known_hosts, trips = create_user(kube, req, host, holder.user, pub)
+                    user_dir, known_hosts, trips, _ = create_user(kube, req, host, holder.user, pub)
                 except HostError as e:
                     failures.append(f"{vm.name}: {e}")
                     log.event("VM failed; trying another", level="warning", vm=vm.name,

@@ -125,6 +125,7 @@ class Pool:
     dynamic: tuple[Dynamic, ...] = ()
     instance_tag: str | None = None
     additional_instance_tags: tuple[tuple[str, str], ...] = ()
+    layer_cache: tuple[str, ...] = ()   # regular expressions of namespaces with a layer cache
 
     def dynamic_for(self, platform: str) -> Dynamic | None:
         return next((d for d in self.dynamic if d.platform == platform), None)
@@ -139,6 +140,10 @@ class Pool:
     def platforms(self) -> list[str]:
         return sorted({h.platform for h in self.hosts} | set(self.local_platforms)
                       | {d.platform for d in self.dynamic})
+
+    def layer_cache_for(self, namespace: str) -> bool:
+        """Whether builds of ``namespace`` keep a layer cache on the hosts (``layerCache``)."""
+        return any(re.fullmatch(p, namespace) for p in self.layer_cache)
 
     def namespace_allowed(self, namespace: str) -> bool:
         """Whether some allowedNamespaces entry, a regular expression, matches all of
@@ -168,16 +173,21 @@ def _message(err: jsonschema.ValidationError) -> str:
 
 
 def _regex_errors(doc: Any) -> list[str]:
-    allowed = doc.get("allowedNamespaces") if isinstance(doc, dict) else None
+    """The namespace lists' entries that are no regular expression, with their paths."""
+    if not isinstance(doc, dict):
+        return []
+    cache = doc.get("layerCache")
+    lists = (("$.allowedNamespaces", doc.get("allowedNamespaces")),
+             ("$.layerCache.namespaces", cache.get("namespaces") if isinstance(cache, dict) else None))
     errors = []
-    for i, entry in enumerate(allowed if isinstance(allowed, list) else ()):
-        if not isinstance(entry, str):
-            continue  # the schema reports it
-        try:
-            re.compile(entry)
-        except re.error as e:
-            errors.append(f"$.allowedNamespaces[{i}]: {entry!r} is not a valid regular "
-                          f"expression: {e}")
+    for path, entries in lists:
+        for i, entry in enumerate(entries if isinstance(entries, list) else ()):
+            if not isinstance(entry, str):
+                continue  # the schema reports it
+            try:
+                re.compile(entry)
+            except re.error as e:
+                errors.append(f"{path}[{i}]: {entry!r} is not a valid regular expression: {e}")
     return errors
 
 
@@ -270,7 +280,8 @@ def from_document(doc: Any) -> Pool:
                 max_wait_seconds=doc.get("maxWaitSeconds", 3600),
                 dynamic=tuple(_dynamic(d) for d in doc.get("dynamic", ())),
                 instance_tag=doc.get("instanceTag"),
-                additional_instance_tags=tuple(sorted(doc.get("additionalInstanceTags", {}).items())))
+                additional_instance_tags=tuple(sorted(doc.get("additionalInstanceTags", {}).items())),
+                layer_cache=tuple((doc.get("layerCache") or {}).get("namespaces", ())))
 
 
 def parse_yaml(text: str) -> Pool:

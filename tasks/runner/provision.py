@@ -100,17 +100,25 @@ def limit_lines(host: Host, user: str) -> str:
                      for kind in ("soft", "hard"))
 
 
-def create_user(kube: Kube, req: Request, host: Host, user: str, public_key: str
-                ) -> tuple[str, str, int]:
-    """Create the build user on ``host``: returns (user dir, pinned known_hosts line, round trips)."""
+def create_user(kube: Kube, req: Request, host: Host, user: str, public_key: str,
+                layer_cache: bool = False) -> tuple[str, str, int, str]:
+    """Create the build user on ``host``: returns (user dir, pinned known_hosts line, round
+    trips, the namespace's layer cache directory the user got or "")."""
+    key = contract.cache_key(req.taskrun_namespace) if layer_cache else ""
     with hostkeys.session(kube, req.controller_namespace, host) as s:
         out = s.run(script("provision-user.sh", BUILD_USER=user, PUBLIC_KEY=public_key,
                            SUDO_RULE=sudo_rule(host), LIMIT_LINES=limit_lines(host, user),
-                           REGISTRY_PORT=str(contract.registry_port(user))))
+                           REGISTRY_PORT=str(contract.registry_port(user)),
+                           CACHE_KEY=key, CACHE_NAMESPACE=req.taskrun_namespace,
+                           CACHE_ROOT=contract.CACHE_ROOT))
         dirs = parse_output(out, "MPC_USER_DIR")
         if not dirs:
             raise HostError(host.name, "provisioning script did not report the user's home")
-        return dirs[-1], s.pinned_line(), s.round_trips
+        cache = (parse_output(out, "MPC_CACHE_DIR") or [""])[-1]
+        if key:
+            log.event("layer cache handed over", host=host.name, user=user,
+                      cache=(parse_output(out, "MPC_CACHE") or ["?"])[-1])
+        return dirs[-1], s.pinned_line(), s.round_trips, cache
 
 
 def provision(kube: Kube, req: Request, poll: float = 0.5) -> Outcome:
@@ -203,7 +211,9 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
                 # refuses an existing user (it never writes into a home a build user
                 # had), so that one goes first, with whatever it runs.
                 trips += remove_users(kube, req.controller_namespace, host, [user])
-            user_dir, known_hosts, n = create_user(kube, req, host, user, pub)
+            user_dir, known_hosts, n, cache_dir = create_user(
+                kube, req, host, user, pub, layer_cache=pool.layer_cache_for(req.taskrun_namespace)
+                and host.builder == contract.BUILDER_CONTAINER)
             trips += n
         except HostError as e:
             failed[host.name] = str(e).split(": ", 1)[-1]
@@ -228,7 +238,8 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
             contract.KEY_PRIVATE_KEY: priv, contract.KEY_HOST: f"{user}@{host.address}",
             contract.KEY_USER_DIR: user_dir, contract.KEY_KNOWN_HOSTS: known_hosts + "\n",
             **({contract.KEY_BUILDER: host.builder}
-               if host.builder != contract.BUILDER_CONTAINER else {})})
+               if host.builder != contract.BUILDER_CONTAINER else {}),
+            **({contract.KEY_CACHE_DIR: cache_dir} if cache_dir else {})})
         log.event("provisioned", host=host.name, slot=slot.index, user=user, **ids)
         return Outcome("served", host=host.name, round_trips=trips, failed_hosts=failed)
 

@@ -3,6 +3,7 @@
 #   BUILD_USERS      space-separated u-<24 hex> names to remove (already validated)
 #   CONTAINER_LABEL  the label buildah-remote puts on the containers it runs
 #                    (its value: the build user)
+#   CACHE_ROOT       where namespaces' layer caches live (provision-user.sh)
 # A missing user is success: deprovisioning is idempotent.
 #
 # Everything of a build goes, in this order: no new logins; every process
@@ -93,6 +94,24 @@ uid_test() {
   if [ "$1" = "$2" ]; then echo "-uid $1"; else echo "-uid +$(($1 - 1)) -uid -$(($2 + 1))"; fi
 }
 
+# The namespace's layer cache this user had (provision-user.sh) goes back to its place,
+# once nothing of the user runs: one rename, which fails when another build of the
+# namespace returned one meanwhile (then this one goes). Nothing else of the build
+# stays: the workspace copies in it are the next build's basis, in the same cache.
+return_cache() {
+  local held="$CACHE_ROOT/held/$1" key
+  sudo -n test -d "$held" || return 0
+  key="$(sudo -n cat "$held/key" 2>/dev/null || true)"
+  case "$key" in
+    n-[0-9a-f]*)
+      if sudo -n test -d "$CACHE_ROOT/ns/$key" && sudo -n test -s "$held/owner" \
+        && sudo -n mv -T "$held" "$CACHE_ROOT/ns/$key/cache" 2>/dev/null; then
+        return 0
+      fi ;;
+  esac
+  sudo -n rm -rf "$held"
+}
+
 remove_leftovers() {
   local ranges=$1 expr=() first last
   while read -r first last; do
@@ -120,9 +139,11 @@ for user in $BUILD_USERS; do
     if grep -s -q "^$user:" /etc/subuid /etc/subgid; then
       fail "userdel left the /etc/subuid or /etc/subgid entries of $user"
     fi
+    return_cache "$user"
     remove_leftovers "$ranges"
   else
     remove_containers "$user"
+    return_cache "$user"
   fi
   sudo -n rm -f "/etc/sudoers.d/mpc-$user" "/etc/security/limits.d/mpc-$user.conf"
   printf 'MPC_REMOVED=%s\n' "$user"
