@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import urllib.error
+from typing import TYPE_CHECKING
 import urllib.request
 import warnings
 from dataclasses import dataclass, field
@@ -10,6 +11,9 @@ from pathlib import Path
 import yaml
 
 from .procs import Daemon, free_port, wait_for
+
+if TYPE_CHECKING:
+    from .tokenauth import TokenService
 
 
 @dataclass
@@ -20,6 +24,8 @@ class Registry:
     daemon: Daemon | None = field(default=None, repr=False)
     # (user, password): every request must authenticate (Basic, htpasswd with bcrypt)
     auth: tuple[str, str] | None = field(default=None, repr=False)
+    # or Bearer tokens of a token service (tokenauth.TokenService, started)
+    token: "TokenService | None" = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -42,6 +48,8 @@ class Registry:
             (self.workdir / "htpasswd").write_text(f"{self.auth[0]}:{hashed}\n")
             extra["auth"] = {"htpasswd": {"realm": "mpc-test",
                                           "path": str(self.workdir / "htpasswd")}}
+        elif self.token:
+            extra["auth"] = self.token.registry_auth()
         cfg.write_text(yaml.safe_dump({
             "version": 0.1,
             "log": {"level": "warn", "accesslog": {"disabled": True}},
@@ -59,7 +67,7 @@ class Registry:
         try:
             return urllib.request.urlopen(self.url + "/v2/", timeout=1).status == 200
         except urllib.error.HTTPError as e:
-            return bool(self.auth) and e.code == 401
+            return bool(self.auth or self.token) and e.code == 401
 
     def stop(self) -> None:
         if self.daemon:
