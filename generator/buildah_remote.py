@@ -66,8 +66,9 @@ NESTED_ENV = "MPC_PRIVILEGED_NESTED"
 # rsync for the workspace copies: compressed (rsync negotiates the best codec both ends
 # have: zstd, lz4, zlib; already-compressed suffixes are skipped), and rsync's delta
 # transfer, which pays off when the host keeps the last build's copy (the namespace's
-# layer cache, docs/layer-cache.md): unchanged files are not sent at all
-RSYNC_OPTS = ("-rlpt", "--compress", "--timeout=300")
+# layer cache, docs/layer-cache.md): unchanged files are not sent at all. Level 1: the
+# cheapest CPU when the data does not compress (make bench, docs/performance.md)
+RSYNC_OPTS = ("-rlpt", "--compress", "--compress-level=1", "--timeout=300")
 CONTAINER_STORAGE = "/var/lib/containers"
 # volume sources that are read-only by nature: copied to the host, never back
 READONLY_SOURCES = ("secret", "configMap", "projected", "downwardAPI")

@@ -1,8 +1,10 @@
 """buildah-remote: workspace copy throughput and remote build overhead (prints figures).
 
-Copy: 200 MB as 10,000 files of 20 kB and as one file, rsync'd to a test
-host exactly as the generated wrapper does it (its rsync and ssh options),
-against `ssh host 'cat > file'` of the same bytes. Build: the reference
+Copy: 200 MB (random bytes: compression cannot help) as 10,000 files of 20 kB and
+as one file, rsync'd to a test host exactly as the generated wrapper does it (its
+rsync and ssh options, before and since issue 13's compression), against `ssh host
+'cat > file'` of the same bytes right before, and once more unchanged (the delta
+transfer into the copy the layer cache keeps). Build: the reference
 Task's build step run by the wrapper on an SSH host versus the same build
 with host "localhost" (in the pod). Figures are printed, never asserted.
 """
@@ -58,16 +60,41 @@ def test_workspace_copy_throughput(build_host, tmp_path):
             f.write(p.read_bytes())
     rsh = " ".join(["ssh", *ssh_opts(bh)])
     print()
+    mbps = lambda t: TOTAL / MB / t  # noqa: E731
     for label, src, stream in (("10,000 x 20 kB", many, concat), ("1 x 200 MB", one, one / "big.bin")):
-        bh.host.ssh("rm -rf ws cat.bin", user=bh.user, key=bh.key)
-        t_rsync = timed(["rsync", *br.RSYNC_OPTS, "-s", "-e", rsh, f"{src}/", f"{target}:ws/"])
-        with open(stream, "rb") as f:
-            t_cat = timed(["ssh", *ssh_opts(bh), target, "cat > cat.bin"], stdin=f)
-        size = int(bh.host.ssh("du -sb ws | cut -f1", user=bh.user, key=bh.key).stdout)
-        assert size >= TOTAL                       # everything arrived
-        mbps = lambda t: TOTAL / MB / t  # noqa: E731
-        print(f"workspace copy {label}: rsync {mbps(t_rsync):.0f} MB/s, ssh cat {mbps(t_cat):.0f} MB/s,"
-              f" ratio rsync/cat throughput {t_cat / t_rsync:.2f}")
+        # before: whole files, no compression; now: the wrapper's options, into an empty
+        # directory (no cache), each right after an ssh cat of the same bytes (the machine's
+        # load changes by the second), twice; then unchanged into the last copy (the layer
+        # cache's basis)
+        for name, opts in (("before (--whole-file)", OLD_RSYNC_OPTS), ("now", br.RSYNC_OPTS)) * 2:
+            with open(stream, "rb") as f:
+                t_cat = timed(["ssh", *ssh_opts(bh), target, "cat > cat.bin"], stdin=f)
+            bh.host.ssh("rm -rf ws", user=bh.user, key=bh.key)
+            t_rsync, sent = rsync_stats(opts, rsh, src, target)
+            size = int(bh.host.ssh("du -sb ws | cut -f1", user=bh.user, key=bh.key).stdout)
+            assert size >= TOTAL                       # everything arrived
+            print(f"workspace copy {label}, rsync {name}: {mbps(t_rsync):.0f} MB/s "
+                  f"({sent / MB:.1f} MB sent), ssh cat {mbps(t_cat):.0f} MB/s, "
+                  f"ratio rsync/cat throughput {t_cat / t_rsync:.2f}")
+        t_again, sent = rsync_stats(br.RSYNC_OPTS, rsh, src, target)
+        print(f"workspace copy {label}, rsync now, unchanged into the last copy: {t_again:.2f} s, "
+              f"{sent / 1024:.0f} kB sent")
+        bh.host.ssh("rm -f cat.bin", user=bh.user, key=bh.key)
+
+
+# the wrapper's rsync options before the layer cache (issue 13)
+OLD_RSYNC_OPTS = ("-rlpt", "--whole-file", "--timeout=300")
+
+
+def rsync_stats(opts, rsh, src, target) -> tuple[float, int]:
+    """(seconds, bytes rsync sent) of one copy of ``src`` to ``target``:ws/, as to_host does."""
+    t = time.perf_counter()
+    out = subprocess.run(["rsync", *opts, "--delete", "--stats", "-s", "-e", rsh, f"{src}/",
+                          f"{target}:ws/"], check=True, capture_output=True, text=True).stdout
+    took = time.perf_counter() - t
+    sent = next(int(ln.split(":")[1].split()[0].replace(",", ""))
+                for ln in out.splitlines() if ln.startswith("Total bytes sent"))
+    return took, sent
 
 
 def test_remote_build_overhead_vs_local(build_host, pod_rootfs, registry, tmp_path):

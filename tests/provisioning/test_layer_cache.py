@@ -189,4 +189,3 @@ def test_layer_cache_per_namespace(controller, kube, namespace, make_host, host_
         assert h.exec(f"test -d {ROOT}/ns/{key_b}/cache").returncode == 0
     finally:
         core.delete_namespace(ns_b)
-
