@@ -8,11 +8,16 @@ the same record is idempotent on EC2. Throttling (RequestLimitExceeded and
 the other throttling codes) and transient errors are retried by botocore's
 standard retry mode with backoff. Credentials come from the Secret the pool
 names (keys ``access-key-id``, ``secret-access-key``, optional
-``session-token``: Konflux's ``aws-secret`` format).
+``session-token``: Konflux's ``aws-secret`` format). An endpoint whose
+certificate a private CA signed is verified against the pool's ``caBundle``
+alone (written to a private file once per process: botocore wants a path).
 """
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
+import tempfile
 import threading
 
 import boto3
@@ -48,6 +53,20 @@ def credentials(kube: Kube, namespace: str, name: str) -> dict[str, str]:
     return data
 
 
+_CA_FILES: dict[str, str] = {}
+
+
+def ca_file(pem: str) -> str:
+    """A file holding ``pem`` (botocore's ``verify`` takes a path), one per bundle."""
+    key = hashlib.sha256(pem.encode()).hexdigest()
+    if key not in _CA_FILES:
+        fd, path = tempfile.mkstemp(prefix="mpc-ca-", suffix=".pem")
+        with os.fdopen(fd, "w") as f:
+            f.write(pem)
+        _CA_FILES[key] = path
+    return _CA_FILES[key]
+
+
 def _error(e: Exception, what: str) -> ProviderError:
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "")
@@ -74,6 +93,7 @@ class Ec2:
             aws_access_key_id=creds["access-key-id"],
             aws_secret_access_key=creds["secret-access-key"],
             aws_session_token=creds.get("session-token") or None,
+            verify=ca_file(settings.ca_bundle) if settings.ca_bundle else None,
             config=Config(retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
                           connect_timeout=10, read_timeout=60))
         self._root_device: str | None = None

@@ -77,6 +77,7 @@ class AwsSettings:
     key_name: str
     credentials_secret: str
     endpoint: str | None = None
+    ca_bundle: str | None = None        # PEM: trusted for the endpoint instead of public CAs
     subnet: str | None = None
     security_group_id: str | None = None
     security_group: str | None = None
@@ -242,7 +243,8 @@ def _aws(a: dict) -> AwsSettings:
     return AwsSettings(
         region=a["region"], ami=a["ami"], instance_type=a["instanceType"], key_name=a["keyName"],
         credentials_secret=a["credentialsSecret"], endpoint=a.get("endpoint"),
-        subnet=a.get("subnet"), security_group_id=a.get("securityGroupId"),
+        ca_bundle=a.get("caBundle"), subnet=a.get("subnet"),
+        security_group_id=a.get("securityGroupId"),
         security_group=a.get("securityGroup"), instance_profile=a.get("instanceProfile"),
         disk_gib=a.get("diskGiB", 40), iops=a.get("iops"), throughput=a.get("throughput"),
         spot=a.get("spot", False) or "spotMaxPrice" in a, spot_max_price=a.get("spotMaxPrice"),

@@ -2,7 +2,10 @@
 it, and a simulated hypervisor that makes every instance the API reports reachable.
 
 ``MotoServer``: ``moto_server`` bound to 127.0.0.1 on a free port; boto3 talks
-to it over HTTP exactly as to EC2. ``Ec2Proxy``: a loopback HTTP proxy that
+to it over HTTP exactly as to EC2. Or started under an argv prefix (``nsenter``
+into a network namespace the tests made), bound there, behind TLS (``tls``:
+certificate, key and the CA that signed them) and reached from this machine
+through a loopback relay (``local_port``): the e2e node's pods reach it so. ``Ec2Proxy``: a loopback HTTP proxy that
 forwards to it and, per API action, answers ``RequestLimitExceeded`` (HTTP
 503, EC2's XML error) a given number of times, forwards a call and then
 never answers it (a client killed after the cloud acted), holds a call
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import http.client
-import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -27,48 +30,65 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import boto3
 
 from mpc.runner.cloud import host_key_from_user_data
 
 from .paths import REPO
-from .procs import wait_for
+from .procs import free_port, wait_for
 from .sshhosts import HostFarm, SSHHost, keypair
 
 REGION = "us-east-1"
 CREDS = {"access-key-id": "testing", "secret-access-key": "testing"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MotoServer:
-    def __init__(self, log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, log: Path, argv_prefix: tuple[str, ...] = (), bind: str = "127.0.0.1",
+                 tls: tuple[Path, Path, Path] | None = None):
+        self.port = free_port()
+        self.local_port = self.port     # where this machine reaches it (a relay's, if not here)
+        self.bind, self.prefix, self.tls = bind, list(argv_prefix), tls
         self.log = log
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def url(self) -> str:
+        """As this machine reaches it."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.local_port}"
+
+    @property
+    def ca(self) -> str | None:
+        """The CA file clients verify it with (None: plain HTTP)."""
+        return str(self.tls[2]) if self.tls else None
+
+    def _conn(self) -> http.client.HTTPConnection:
+        if self.tls:
+            return http.client.HTTPSConnection("127.0.0.1", self.local_port, timeout=30,
+                                               context=ssl.create_default_context(cafile=self.ca))
+        return http.client.HTTPConnection("127.0.0.1", self.local_port, timeout=30)
+
     def start(self) -> "MotoServer":
+        tls = ["-c", str(self.tls[0]), "-k", str(self.tls[1])] if self.tls else []
         self.proc = subprocess.Popen(
-            [str(REPO / ".venv/bin/moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            [*self.prefix, str(REPO / ".venv/bin/moto_server"), "-H", self.bind,
+             "-p", str(self.port), *tls],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
         def up() -> bool:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                c = self._conn()
+                c.request("GET", "/moto-api/config")
+                c.getresponse().read()
                 return True
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 return False
         wait_for("moto_server", up, timeout=60, log=self.log)
         return self
 
     def reset(self) -> None:
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        c = self._conn()
         c.request("POST", "/moto-api/reset")
         c.getresponse().read()
 
@@ -78,8 +98,8 @@ class MotoServer:
             self.proc.wait(timeout=10)
 
 
-def client(url: str):
-    return boto3.client("ec2", region_name=REGION, endpoint_url=url,
+def client(url: str, verify: str | None = None):
+    return boto3.client("ec2", region_name=REGION, endpoint_url=url, verify=verify,
                         aws_access_key_id=CREDS["access-key-id"],
                         aws_secret_access_key=CREDS["secret-access-key"])
 
@@ -194,6 +214,8 @@ class Hypervisor:
 
     ec2_url: str
     farm: HostFarm
+    ca: str | None = None               # CA file of a TLS endpoint
+    place: Callable[[SSHHost], SSHHost] | None = None   # wires a booted host up (e2e: into the node)
     interval: float = 0.2
     never_boot: int = 0                 # the next n instances never become reachable
     wrong_key: int = 0                  # the next n boot with a host key mpc did not give
@@ -206,7 +228,7 @@ class Hypervisor:
     pending: dict[str, float] = field(default_factory=dict)    # seen, boots at (monotonic)
 
     def __post_init__(self):
-        self.ec2 = client(self.ec2_url)
+        self.ec2 = client(self.ec2_url, self.ca)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -238,8 +260,11 @@ class Hypervisor:
         if self.wrong_key > 0:
             self.wrong_key -= 1
             key = keypair()
-        self.hosts[iid] = self.farm.add(name=iid[:20], address=inst["PrivateIpAddress"],
-                                        given_host_key=key, given_admin_public_key=admin_pub)
+        host = self.farm.add(name=iid[:20], address=inst["PrivateIpAddress"],
+                             given_host_key=key, given_admin_public_key=admin_pub)
+        self.hosts[iid] = host
+        if self.place:
+            self.place(host)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -57,14 +57,18 @@ class PKI:
               .sign(key, hashes.SHA256()))
         self.ca_key.write_bytes(_pem_key(key))
         self.ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-        sans = [x509.DNSName(n) for n in server_names] + [
-            x509.IPAddress(ipaddress.ip_address(i)) for i in server_ips]
-        self._issue("apiserver", _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans)
+        self.serving("apiserver", "kube-apiserver", server_ips, server_names)
         sa = _key()
         (self.dir / "sa.key").write_bytes(_pem_key(sa))
         (self.dir / "sa.pub").write_bytes(sa.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         return self
+
+    def serving(self, name: str, cn: str, ips: list[str], names: list[str]) -> tuple[Path, Path]:
+        """Issue a serving certificate for ``ips`` and DNS ``names``; returns (crt, key) paths."""
+        sans = [x509.DNSName(n) for n in names] + [
+            x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        return self._issue(name, _name(cn), ExtendedKeyUsageOID.SERVER_AUTH, sans)
 
     def client(self, name: str, cn: str, org: str | None = None) -> tuple[Path, Path]:
         """Issue a client certificate; returns (crt, key) paths."""

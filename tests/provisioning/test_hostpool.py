@@ -233,6 +233,24 @@ def test_dynamic_pool_consistency_errors_have_paths():
     assert (d.max_builds_per_vm, d.max_age_seconds, d.min_idle, d.aws.disk_gib) == (4, 3600, 0, 40)
 
 
+def test_ca_bundle_needs_an_endpoint_and_pem():
+    aws = {"region": "eu-west-1", "ami": "ami-0123456789abcdef0", "instanceType": "m6g.large",
+           "keyName": "k", "credentialsSecret": "aws"}
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    doc = {"hosts": [], "instanceTag": "prod", "dynamic": [
+        {"platform": "linux/arm64", "provider": "aws", "secret": "ssh", "maxInstances": 2,
+         "aws": aws | {"caBundle": pem}}]}
+    assert hostpool.validate(doc) == [
+        "$.dynamic[0].aws: 'endpoint' is a dependency of 'caBundle'"], hostpool.validate(doc)
+    doc["dynamic"][0]["aws"] |= {"endpoint": "https://ec2.internal:8443", "caBundle": "MIIB"}
+    assert hostpool.validate(doc) == [
+        "$.dynamic[0].aws.caBundle: 'MIIB' is not PEM certificates (-----BEGIN CERTIFICATE----- "
+        "...)"], hostpool.validate(doc)
+    doc["dynamic"][0]["aws"]["caBundle"] = pem
+    (d,) = hostpool.from_document(doc).dynamic
+    assert (d.aws.endpoint, d.aws.ca_bundle) == ("https://ec2.internal:8443", pem)
+
+
 def test_native_pool_has_the_same_semantics():
     doc = {"hosts": [{"name": "m2", "address": "10.0.0.1", "user": "root", "secret": "s",
                       "platform": "linux-m2xlarge/arm64", "concurrency": 2},
