@@ -22,7 +22,13 @@ def move_into_node(host: SSHHost, node: Node) -> SSHHost:
     """Move ``host``'s uplink veth end into the node's netns (the address moves with it)."""
     def ip(*a: str) -> None:
         subprocess.run(["ip", *a], check=True, capture_output=True)
-    ip("link", "set", host.veth, "netns", node.netns)       # drops its address and state
+    ip("link", "set", host.veth, "netns", node.netns)       # drops its address, state, routes
+    if host.point_to_point:     # a cloud VM's address (tests.infra.ec2): /32 and a host route
+        ip("-n", node.netns, "addr", "add", f"{host.host_ip}/32", "dev", host.veth)
+        ip("-n", node.netns, "link", "set", host.veth, "up")
+        ip("-n", node.netns, "route", "add", f"{host.address}/32", "dev", host.veth,
+           "src", host.host_ip)
+        return host
     ip("-n", node.netns, "addr", "add", f"{host.host_ip}/30", "dev", host.veth)
     ip("-n", node.netns, "link", "set", host.veth, "up")
     return host

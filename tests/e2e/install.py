@@ -229,6 +229,37 @@ def installed(e2e_node, e2e_kube, host_farm, tmp_path_factory) -> Iterator[Insta
             inst.kubectl("delete", kind.lower(), name, "--ignore-not-found")
 
 
+# --- the watcher's flags --------------------------------------------------------------
+
+def _watcher_args(apps, args: list[str]) -> None:
+    apps.patch_namespaced_deployment("mpc-glue", NS, {"spec": {"template": {"spec": {
+        "containers": [{"name": "glue", "args": args}]}}}})
+
+
+def _rolled_out(apps, coord) -> bool:
+    d = apps.read_namespaced_deployment("mpc-glue", NS)
+    s = d.status
+    return (s.observed_generation == d.metadata.generation and s.updated_replicas == d.spec.replicas
+            and (s.available_replicas or 0) == d.spec.replicas and not s.unavailable_replicas
+            and bool(coord.read_namespaced_lease("mpc-glue-leader", NS).spec.holder_identity))
+
+
+@contextmanager
+def watcher_flag(inst: Install, flag: str, value: str) -> Iterator[None]:
+    """The watcher Deployment as shipped but with ``flag=value`` (``--sweep-interval``, ``60s``),
+    rolled out with a leader; put back and rolled out again after (each within TIMEOUT: two
+    pods starting on a loaded node took over 300 s)."""
+    apps, coord = client.AppsV1Api(inst.kube), client.CoordinationV1Api(inst.kube)
+    args = apps.read_namespaced_deployment("mpc-glue", NS).spec.template.spec.containers[0].args
+    _watcher_args(apps, [a for a in args if a.split("=", 1)[0] != flag] + [f"{flag}={value}"])
+    try:
+        wait_for(f"the watcher rolled out with {flag}={value}", lambda: _rolled_out(apps, coord))
+        yield
+    finally:
+        _watcher_args(apps, args)
+        wait_for("the watcher rolled back", lambda: _rolled_out(apps, coord))
+
+
 # --- reading runs and secrets -----------------------------------------------------------
 
 def get(inst: Install, ns: str, plural: str, name: str) -> dict | None:

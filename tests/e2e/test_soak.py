@@ -58,7 +58,7 @@ from mpc.runner import hostpool
 
 from . import faults
 from . import hosts as e2e_hosts
-from .install import NS, PREPARE_HOST, Install, wait_for
+from .install import NS, PREPARE_HOST, Install, wait_for, watcher_flag
 
 pytestmark = pytest.mark.e2e
 
@@ -616,34 +616,12 @@ def soak_hosts(mpc, host_farm):
             h.destroy()
 
 
-def _watcher_args(apps, args: list[str]) -> None:
-    apps.patch_namespaced_deployment("mpc-glue", NS, {"spec": {"template": {"spec": {
-        "containers": [{"name": "glue", "args": args}]}}}})
-
-
-def _rolled_out(apps, coord) -> bool:
-    d = apps.read_namespaced_deployment("mpc-glue", NS)
-    s = d.status
-    return (s.observed_generation == d.metadata.generation and s.updated_replicas == d.spec.replicas
-            and (s.available_replicas or 0) == d.spec.replicas and not s.unavailable_replicas
-            and bool(coord.read_namespaced_lease("mpc-glue-leader", NS).spec.holder_identity))
-
-
 @pytest.fixture
 def sweeping_watcher(mpc):
     """The watcher as shipped, with ``--sweep-interval`` set to ``SWEEP`` (the bound on how
     long a finished build's leftovers may wait for the sweep); put back after."""
-    apps, coord = client.AppsV1Api(mpc.kube), client.CoordinationV1Api(mpc.kube)
-    args = apps.read_namespaced_deployment("mpc-glue", NS).spec.template.spec.containers[0].args
-    soak = [a for a in args if not a.startswith("--sweep-interval")] + [f"--sweep-interval={SWEEP}"]
-    _watcher_args(apps, soak)
-    try:
-        wait_for("the watcher rolled out with the soak's sweep interval",
-                 lambda: _rolled_out(apps, coord), timeout=300)
+    with watcher_flag(mpc, "--sweep-interval", SWEEP):
         yield
-    finally:
-        _watcher_args(apps, args)
-        wait_for("the watcher rolled back", lambda: _rolled_out(apps, coord), timeout=300)
 
 
 @pytest.mark.timeout(int(2 * TIMEOUT + 1800))
