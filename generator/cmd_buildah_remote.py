@@ -39,7 +39,8 @@ indentation):
     env, each value quoted; same mount paths, args, user, working directory,
     capabilities), copies back the workspaces, writable volumes, /workspace
     and results, and loads the built image (env IMAGE) as an OCI layout into
-    the pod's container storage, so later steps (push, SBOM) run unchanged in
+    the pod's container storage (a Docker-format image as a docker archive,
+    so it stays Docker-format), so later steps (push, SBOM) run unchanged in
     the pod. An image the build saved itself as an OCI layout in a directory
     that comes back is loaded from there (it crosses the network once).
   * a Task with a PRIVILEGED_NESTED param (Konflux's buildah 0.2 on): when the

@@ -33,21 +33,33 @@ if [ -n "${MPC_EXPORT_IMAGE:-}" ]; then
       printf '%s\t%s\n' "$mpc_name" "$mpc_path"
     fi
   done > /mpc/out/containers
+  # A Docker-format image (buildah build --format=docker) goes back as a docker
+  # archive: through OCI it would lose its manifest type and the Docker-only config
+  # (HEALTHCHECK, SHELL, ...), and a later step that pushes it as it is would push
+  # something else than the same Task building in the pod.
+  mpc_docker=no
+  case "$(buildah "$@" inspect --type image --format '{{.Manifest}}' "$MPC_EXPORT_IMAGE")" in
+    *'"mediaType":"application/vnd.docker.distribution.manifest.v2+json"'*) mpc_docker=yes ;;
+  esac
   # The build may have saved the image itself as an OCI layout (buildah push
   # "$IMAGE" oci:<dir>:"$IMAGE") in a directory that goes back to the pod: then
   # the pod loads it from there, and the image crosses the network once.
   mpc_ref="\"org.opencontainers.image.ref.name\":\"$MPC_EXPORT_IMAGE\""
-  while IFS= read -r mpc_dir; do
-    find "$mpc_dir" -maxdepth 3 -name index.json -type f -newer /mpc/out/started 2>/dev/null || :
-  done < /mpc/scripts/back-dirs | while IFS= read -r mpc_index; do
-    mpc_layout="${mpc_index%/index.json}"
-    case "$mpc_layout" in *:*) continue ;; esac
-    if [ -f "$mpc_layout/oci-layout" ] && grep -qF "$mpc_ref" "$mpc_index"; then
-      printf '%s\n' "$mpc_layout" > /mpc/out/image.layout
-      break
-    fi
-  done
-  if [ ! -f /mpc/out/image.layout ]; then
+  if [ "$mpc_docker" = no ]; then
+    while IFS= read -r mpc_dir; do
+      find "$mpc_dir" -maxdepth 3 -name index.json -type f -newer /mpc/out/started 2>/dev/null || :
+    done < /mpc/scripts/back-dirs | while IFS= read -r mpc_index; do
+      mpc_layout="${mpc_index%/index.json}"
+      case "$mpc_layout" in *:*) continue ;; esac
+      if [ -f "$mpc_layout/oci-layout" ] && grep -qF "$mpc_ref" "$mpc_index"; then
+        printf '%s\n' "$mpc_layout" > /mpc/out/image.layout
+        break
+      fi
+    done
+  fi
+  if [ "$mpc_docker" = yes ]; then
+    buildah "$@" push -q "$MPC_EXPORT_IMAGE" "docker-archive:/mpc/out/image.docker.tar:$MPC_EXPORT_IMAGE"
+  elif [ ! -f /mpc/out/image.layout ]; then
     buildah "$@" push -q "$MPC_EXPORT_IMAGE" "oci-archive:/mpc/out/image.tar:$MPC_EXPORT_IMAGE"
   fi
 fi

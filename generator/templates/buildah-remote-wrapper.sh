@@ -342,6 +342,11 @@ if [ -f "$work/out/image.layout" ]; then
   id="$(buildah "${storage[@]}" pull -q "oci:$layout:$@IMAGE_VAR@")"
   buildah "${storage[@]}" tag "$id" "$@IMAGE_VAR@"
   echo "mpc: loaded $@IMAGE_VAR@ ($id) built on $ssh_host, from the OCI layout $layout" >&2
+elif [ -f "$work/out/image.docker.tar" ]; then
+  # a Docker-format image, as a docker archive: it stays Docker-format here too
+  id="$(buildah "${storage[@]}" pull -q "docker-archive:$work/out/image.docker.tar")"
+  buildah "${storage[@]}" tag "$id" "$@IMAGE_VAR@"
+  echo "mpc: loaded $@IMAGE_VAR@ ($id, Docker format) built on $ssh_host" >&2
 elif [ -f "$work/out/image.tar" ]; then
   id="$(buildah "${storage[@]}" pull -q "oci-archive:$work/out/image.tar")"
   buildah "${storage[@]}" tag "$id" "$@IMAGE_VAR@"
