@@ -104,7 +104,7 @@ class Controller:
             self.store, self.reconciler, self.cfg.retention), "collect_garbage")
         if self.cfg.sweep_interval > 0:
             self._thread("sweep", self._periodic, self.cfg.sweep_interval, lambda: gc.start_sweep(
-                self.kube, self.cfg, self.metrics), "start_sweep")
+                self.kube, self.cfg, self.metrics, self.store), "start_sweep")
 
     def stop(self) -> None:
         self._stop.set()

@@ -34,11 +34,20 @@ def collect_garbage(store: Store, rec: Reconciler, retention: float) -> None:
         rec.delete_run(run, "succeeded" if run.succeeded else "retention expired")
 
 
-def start_sweep(kube: Kube, cfg: Config, metrics: Metrics) -> None:
-    """One sweep TaskRun per interval bucket: restarts and standbys never double it."""
+def start_sweep(kube: Kube, cfg: Config, metrics: Metrics, store: Store) -> None:
+    """One sweep TaskRun per interval bucket: restarts and standbys never double it. None
+    while one still runs: with an interval shorter than a sweep takes (a loaded node, a short
+    --sweep-interval) they piled up, each pod adding to the load that slowed them."""
+    with store.lock:
+        running = [r.name for r in store.runs.values()
+                   if r.role == objects.ROLE_SWEEP and r.succeeded is None]
+    if running:
+        log.info("sweep still running; none started", extra={"fields": {"running": running}})
+        return
     bucket = int(time.time() // cfg.sweep_interval)
-    if kube.create(k.taskruns(cfg.namespace), objects.sweep_run(
-            cfg.namespace, cfg.tasks_service_account, bucket,
-            bundle=cfg.sweep_bundle)) is not None:
+    created = kube.create(k.taskruns(cfg.namespace), objects.sweep_run(
+        cfg.namespace, cfg.tasks_service_account, bucket, bundle=cfg.sweep_bundle))
+    if created is not None:
+        store.put_run(created)           # running now, whenever the watch says so
         metrics.sweeps.inc()
         log.info("sweep started", extra={"fields": {"run": objects.sweep_run_name(bucket)}})

@@ -2,6 +2,8 @@
 namespaces, garbage collection and the periodic sweep."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
 from kubernetes import client
@@ -89,6 +91,23 @@ def _sweep_runs(kube, ns):
     return client.CustomObjectsApi(kube).list_namespaced_custom_object(
         "tekton.dev", "v1", ns, "taskruns",
         label_selector=f"{c.LABEL_ROLE}=sweep")["items"]
+
+
+def test_no_sweep_is_started_while_one_runs(kube, watcher, ctrl_ns):
+    """A sweep slower than the interval (a loaded node) must not pile up sweep pods: the
+    next run starts only once the last one finished."""
+    w = watcher("--sweep-interval", "1s").start().wait_ready()
+    wait_for("a sweep run", lambda: _sweep_runs(kube, ctrl_ns), timeout=30, log=w.log)
+    first = _sweep_runs(kube, ctrl_ns)[0]["metadata"]["name"]
+    wait_for("the watcher declining to start another", lambda: "sweep still running" in
+             w.log.read_text(), timeout=30, log=w.log)
+    time.sleep(3)                                    # three more intervals
+    assert [r["metadata"]["name"] for r in _sweep_runs(kube, ctrl_ns)] == [first]
+    client.CustomObjectsApi(kube).patch_namespaced_custom_object_status(
+        "tekton.dev", "v1", ctrl_ns, "taskruns", first, {"status": {"podName": "p", "conditions": [
+            {"type": "Succeeded", "status": "True", "reason": "Succeeded"}]}})
+    wait_for("the next sweep", lambda: [r for r in _sweep_runs(kube, ctrl_ns)
+                                        if r["metadata"]["name"] != first], timeout=30, log=w.log)
 
 
 def test_garbage_collection_and_sweep(kube, tekton, watcher, namespace, ctrl_ns):
