@@ -2,7 +2,8 @@
 
 moto's EC2 API on loopback serves https with a certificate of a throw-away CA: the
 provider trusts it only through the pool's ``caBundle`` (not the public CAs), and
-without the bundle every call is refused for the certificate, never sent in clear.
+without the bundle every call is refused for the certificate at its first attempt (no
+retries: an untrusted certificate stays untrusted), never sent in clear.
 """
 from __future__ import annotations
 
@@ -46,5 +47,9 @@ def test_the_ca_bundle_is_what_makes_a_private_endpoint_trusted(tls_moto):
     pem = Path(tls_moto.ca).read_text()
     found = _ec2(tls_moto, pem).list_managed()
     assert [i.id for i in found] == [ours["InstanceId"]]
+    untrusted = _ec2(tls_moto, None)
+    attempts = []
+    untrusted.ec2.meta.events.register("before-send.ec2", lambda **_: attempts.append(1))
     with pytest.raises(ProviderError, match="CERTIFICATE_VERIFY_FAILED"):
-        _ec2(tls_moto, None).list_managed()
+        untrusted.list_managed()
+    assert len(attempts) == 1          # refused for good, not retried with backoff
