@@ -25,12 +25,13 @@ from tests.provisioning.test_layer_cache import PLATFORM, Builds
 
 pytestmark = pytest.mark.bench
 KB, MB = 1 << 10, 1 << 20
-# a source tree copied into the image, then a "compile" over it (CPU, and a 24 MB layer)
+# a source tree copied into the image, then a "compile" over it: CPU-bound (gzip -9 of
+# the sources and of 96 MB of random bytes), a small layer
 CONTAINERFILE = """\
 FROM scratch
 COPY busybox /bin/busybox
 COPY src /src
-RUN ["/bin/busybox", "sh", "-c", "cd /src && /bin/busybox find . -type f -exec /bin/busybox cat {} + | /bin/busybox gzip -9 > /src.gz && /bin/busybox dd if=/dev/urandom bs=1M count=24 2>/dev/null | /bin/busybox gzip -1 > /blob.gz && /bin/busybox date +%s%N > /stamp"]
+RUN ["/bin/busybox", "sh", "-c", "cd /src && /bin/busybox find . -type f -exec /bin/busybox cat {} + | /bin/busybox gzip -9 > /src.gz && /bin/busybox dd if=/dev/urandom bs=1M count=96 2>/dev/null | /bin/busybox gzip -9 | /bin/busybox md5sum > /blob.md5 && /bin/busybox date +%s%N > /stamp"]
 """
 FILES = 2000
 

@@ -118,7 +118,7 @@ remap() {
     elif [ "$6" -gt 0 ] && [ "$1" -ge "$4" ] && [ "$1" -lt $(($4 + $6)) ]; then mapped=$(($1 - $4 + $5))
     fi
   }
-  tmp="$(mktemp -d)"
+  tmp="$(mktemp -d)" || return 1
   cat > "$tmp/modes" < <(sudo -n find "$dir" -xdev -type f -perm /6000 -printf '%m:%p\0')
   while IFS= read -r -d '' rec; do
     u=${rec%%:*} rec=${rec#*:}
@@ -130,10 +130,16 @@ remap() {
     if [ -z "$nu" ] || [ -z "$ng" ]; then rm -rf "$tmp"; return 1; fi
     if [ "$nu:$ng" != "$u:$g" ]; then printf '%s\0' "$p" >> "$tmp/to-$nu:$ng"; fi
   done < <(sudo -n find "$dir" -xdev -printf '%U:%G:%p\0')
+  # (called in a condition, where set -e does not apply: every failure returns)
   for p in "$tmp"/to-*; do
-    if [ -f "$p" ]; then xargs -0 -r sudo -n chown -h "${p##*/to-}" < "$p"; fi
+    if [ -f "$p" ] && ! xargs -0 -r sudo -n chown -h "${p##*/to-}" < "$p"; then
+      rm -rf "$tmp"
+      return 1
+    fi
   done
-  while IFS= read -r -d '' rec; do sudo -n chmod "${rec%%:*}" "${rec#*:}"; done < "$tmp/modes"
+  while IFS= read -r -d '' rec; do
+    sudo -n chmod "${rec%%:*}" "${rec#*:}" || { rm -rf "$tmp"; return 1; }
+  done < "$tmp/modes"
   rm -rf "$tmp"
 }
 if [ -n "${CACHE_KEY:-}" ]; then
