@@ -238,6 +238,36 @@ def assign(hosts: Iterable[Host], slots: Iterable, waiters: Iterable[Waiter]) ->
     return got
 
 
+def take_first_free(kube: Kube, namespace: str, names: Iterable[str], make,
+                    owner_uid: str = "") -> client.V1Lease | None:
+    """Create the first Lease of ``names`` nobody holds, as ``make(name)`` describes it.
+
+    The one "indexed places" primitive (host slots, VM records, VM build places,
+    namespace quota places): a create is atomic, so a 409 means the place is taken
+    and the next name is tried. A 409 is not always someone else: the access layer
+    retries a create whose answer was lost, and the retry meets the Lease the first
+    attempt made. A place whose Lease carries ``owner_uid`` as its build uid is ours.
+    None when every name is taken.
+    """
+    for name in names:
+        try:
+            return kube.leases.create_namespaced_lease(namespace, make(name))
+        except client.ApiException as e:
+            if e.status != 409:
+                raise
+        if not owner_uid:
+            continue
+        try:
+            existing = kube.leases.read_namespaced_lease(name, namespace)
+        except client.ApiException as e:
+            if e.status == 404:
+                continue
+            raise
+        if (existing.metadata.labels or {}).get(contract.LABEL_TASKRUN_UID) == owner_uid:
+            return existing
+    return None
+
+
 class Slots:
     def __init__(self, kube: Kube, namespace: str):
         self.kube = kube
@@ -267,35 +297,19 @@ class Slots:
         return used
 
     def try_take(self, host: Host, index: int, holder: Holder) -> Slot | None:
-        """Create slot ``index`` of ``host`` for ``holder``; None if someone else holds it.
-
-        A 409 is not always someone else: the access layer retries a create whose
-        answer was lost (``kube``), and the retry meets the Lease the first attempt
-        made. A slot that turns out to be held by this very build is ours.
-        """
-        name = contract.slot_name(host.name, index)
+        """Create slot ``index`` of ``host`` for ``holder``; None if someone else holds it."""
         labels = holder.labels("slot") | {contract.LABEL_HOST: host.name}
         ann = (holder.annotations() | target_annotations(host)
                | {contract.ANN_ALLOCATED_AT: now().isoformat()})
-        lease = client.V1Lease(
-            metadata=client.V1ObjectMeta(name=name, labels=labels, annotations=ann),
-            spec=client.V1LeaseSpec(holder_identity=f"{holder.namespace}/{holder.name}"[:253],
-                                    acquire_time=now()))
-        try:
-            self.kube.leases.create_namespaced_lease(self.namespace, lease)
-        except client.ApiException as e:
-            if e.status != 409:
-                raise
-            try:
-                existing = _slot_from_lease(self.kube.leases.read_namespaced_lease(
-                    name, self.namespace))
-            except client.ApiException as e2:
-                if e2.status == 404:
-                    return None
-                raise
-            return existing if existing.holder.uid == holder.uid else None
-        return Slot(host=host.name, index=index, holder=holder, lease_name=name,
-                    target=_target(host.name, ann))
+        lease = take_first_free(self.kube, self.namespace, [contract.slot_name(host.name, index)],
+                                lambda name: client.V1Lease(
+                                    metadata=client.V1ObjectMeta(name=name, labels=labels,
+                                                                 annotations=ann),
+                                    spec=client.V1LeaseSpec(
+                                        holder_identity=f"{holder.namespace}/{holder.name}"[:253],
+                                        acquire_time=now())),
+                                owner_uid=holder.uid)
+        return None if lease is None else _slot_from_lease(lease)
 
     def _within_limit(self, host: Host, slot: Slot) -> bool:
         """After taking ``slot``: keep it only if ``host`` holds no more than its limit."""

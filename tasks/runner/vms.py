@@ -35,7 +35,7 @@ from kubernetes import client
 from . import contract, log
 from .hostpool import Dynamic
 from .kube import Kube
-from .slots import Holder, platform_key
+from .slots import Holder, platform_key, take_first_free
 
 LAUNCHING, BOOTING, READY, TERMINATING = "launching", "booting", "ready", "terminating"
 RENEW_STALE_SECONDS = 300          # a launching/booting record not renewed for this long is abandoned
@@ -140,23 +140,19 @@ class Records:
                   f"{contract.DOMAIN}/platform-key": platform_key(dyn.platform)}
         if holder_uid:
             labels[contract.LABEL_TASKRUN_UID] = holder_uid
-        for i in range(dyn.max_instances):
-            name = contract.vm_record_name(dyn.platform, i)
-            if name in taken:
-                continue
-            body = client.V1Lease(
+        lease = take_first_free(
+            self.kube, self.namespace,
+            (n for n in (contract.vm_record_name(dyn.platform, i)
+                         for i in range(dyn.max_instances)) if n not in taken),
+            lambda name: client.V1Lease(
                 metadata=client.V1ObjectMeta(name=name, labels=labels, annotations={
                     contract.ANN_PLATFORM: dyn.platform, contract.ANN_PROVIDER: dyn.provider,
                     contract.ANN_HOST_KEY: host_key, contract.ANN_BUILDS_SERVED: "0"}),
                 spec=client.V1LeaseSpec(holder_identity=holder_uid or "warm", acquire_time=now(),
                                         renew_time=now(),
-                                        lease_duration_seconds=RENEW_STALE_SECONDS))
-            try:
-                return _vm(self.kube.leases.create_namespaced_lease(self.namespace, body))
-            except client.ApiException as e:
-                if e.status != 409:
-                    raise
-        return None
+                                        lease_duration_seconds=RENEW_STALE_SECONDS)),
+            owner_uid=holder_uid)
+        return None if lease is None else _vm(lease)
 
     def update(self, vm: VM, state: str | None = None, annotations: dict | None = None,
                renew: bool = False) -> VM:
@@ -217,24 +213,19 @@ class Records:
     # --- build places on a VM -------------------------------------------------------
     def take_place(self, vm: VM, dyn: Dynamic, holder: Holder) -> str | None:
         used = {x.metadata.name for x in self.places_on(vm.name)}
-        for k in range(dyn.max_builds_per_vm):
-            name = contract.vm_build_name(vm.name, k)
-            if name in used:
-                continue
-            body = client.V1Lease(
+        lease = take_first_free(
+            self.kube, self.namespace,
+            (n for n in (contract.vm_build_name(vm.name, k)
+                         for k in range(dyn.max_builds_per_vm)) if n not in used),
+            lambda name: client.V1Lease(
                 metadata=client.V1ObjectMeta(
                     name=name, labels=holder.labels(contract.ROLE_VM_BUILD) | {
                         contract.LABEL_VM: vm.name},
                     annotations=holder.annotations() | {contract.ANN_ALLOCATED_AT: now().isoformat()}),
                 spec=client.V1LeaseSpec(holder_identity=f"{holder.namespace}/{holder.name}"[:253],
-                                        acquire_time=now()))
-            try:
-                self.kube.leases.create_namespaced_lease(self.namespace, body)
-                return name
-            except client.ApiException as e:
-                if e.status != 409:
-                    raise
-        return None
+                                        acquire_time=now())),
+            owner_uid=holder.uid)
+        return None if lease is None else lease.metadata.name
 
     def places_on(self, vm_name: str) -> list[client.V1Lease]:
         return self._list(f"{contract.LABEL_ROLE}={contract.ROLE_VM_BUILD},{contract.LABEL_VM}={vm_name}")
@@ -252,20 +243,15 @@ class Records:
 
     # --- namespace quota --------------------------------------------------------------
     def take_namespace_place(self, dyn: Dynamic, holder: Holder) -> str | None:
-        limit = dyn.max_instances_per_namespace
-        for j in range(limit or 0):
-            name = contract.vm_namespace_name(dyn.platform, holder.namespace, j)
-            body = client.V1Lease(metadata=client.V1ObjectMeta(
+        lease = take_first_free(
+            self.kube, self.namespace,
+            (contract.vm_namespace_name(dyn.platform, holder.namespace, j)
+             for j in range(dyn.max_instances_per_namespace or 0)),
+            lambda name: client.V1Lease(metadata=client.V1ObjectMeta(
                 name=name, labels=holder.labels(contract.ROLE_VM_NAMESPACE),
-                annotations=holder.annotations()),
-                spec=client.V1LeaseSpec(acquire_time=now()))
-            try:
-                self.kube.leases.create_namespaced_lease(self.namespace, body)
-                return name
-            except client.ApiException as e:
-                if e.status != 409:
-                    raise
-        return None
+                annotations=holder.annotations()), spec=client.V1LeaseSpec(acquire_time=now())),
+            owner_uid=holder.uid)
+        return None if lease is None else lease.metadata.name
 
     def namespace_places_of(self, uid: str) -> list[client.V1Lease]:
         return self._list(f"{contract.LABEL_ROLE}={contract.ROLE_VM_NAMESPACE},"
