@@ -1,6 +1,7 @@
 """Run a Task's steps the way Tekton runs them, as separate processes.
 
-Each step's ``script`` is written to a file and executed on its own; its env
+Each step runs on its own: its ``command`` (looked up on PATH, as Tekton's
+entrypoint does), or its ``script`` written to a file and executed; its env
 values get ``$(params.*)``, ``$(context.taskRun.*)`` and ``$(results.*.path)``
 substituted from the Task's params (defaults included) exactly as Tekton
 would; results are read back from the results directory. The process
@@ -92,15 +93,18 @@ def start_task(task: dict, params: dict[str, str], *, kubeconfig: Path, namespac
     results = work / "results"
     results.mkdir()
     context = {"name": taskrun_name, "namespace": namespace, "uid": "00000000-test"}
-    script = work / "script"
-    script.write_text(step["script"])
-    script.chmod(0o755)
+    argv = list(step.get("command") or ())
+    if step.get("script") is not None:
+        script = work / "script"
+        script.write_text(step["script"])
+        script.chmod(0o755)
+        argv = [str(script)]
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
            "HOME": str(work), "KUBECONFIG": str(kubeconfig), "LANG": "C.UTF-8"}
     for e in step.get("env", []):
         env[e["name"]] = substitute(e.get("value", ""), values, context, results)
     env.update(extra_env or {})
-    proc = subprocess.Popen([str(script), *step.get("args", [])], env=env, cwd=work,
+    proc = subprocess.Popen([*argv, *step.get("args", [])], env=env, cwd=work,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return StepRun(step=step["name"], proc=proc, results_dir=results, workdir=work)
 
