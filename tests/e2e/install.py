@@ -74,6 +74,7 @@ class Install:
     bundles: dict[str, str]          # bundle name -> pinned ref
     builder_image: str               # BUILDER_IMAGE: in the node's registry
     images: dict[str, str]           # mpc's images as released: name -> ref@digest
+    install_yaml: Path | None = None  # the release's install.yaml (re-applied after an upgrade)
 
     def watcher_log(self, tail: int = 40) -> str:
         r = subprocess.run([KUBECTL, "--kubeconfig", str(self.node.kubeconfig), "logs", "-n", NS,
@@ -114,9 +115,10 @@ def _push_builder(node, spec: images.ImageSpec) -> str:
     return ref
 
 
-def _release(node, work: Path) -> tuple[dict[str, str], dict[str, str], Path]:
-    """``make release`` from inside the node's netns into its registry (refs name
-    10.200.0.1:5000): (bundle refs, image refs, install.yaml)."""
+def _release(node, work: Path, version: str = "e2e") -> tuple[dict[str, str], dict[str, str], Path]:
+    """``make release VERSION=version`` from inside the node's netns into its registry (refs
+    name 10.200.0.1:5000): (bundle refs, image refs, install.yaml). Another ``version`` of
+    the same sources reuses the cached image archives (keyed by their inputs)."""
     out, block, ilock = work / "release", work / "bundles.lock.yaml", work / "images.lock.yaml"
     # what needs the network (Debian base, wheelhouse) is fetched here, as on a release
     # machine; the node's netns has none, so the release itself then runs offline. The
@@ -131,7 +133,7 @@ def _release(node, work: Path) -> tuple[dict[str, str], dict[str, str], Path]:
         assert prep.returncode == 0, prep.stdout + prep.stderr
         r = subprocess.run(["nsenter", f"--net=/run/netns/{node.netns}", "make",
                             "--no-print-directory", "-o", "deps", "-o", "venv", "-o", "upstream",
-                            "release", f"REGISTRY={REGISTRY}/mpc", "VERSION=e2e", "INSECURE=1",
+                            "release", f"REGISTRY={REGISTRY}/mpc", f"VERSION={version}", "INSECURE=1",
                             f"PIN_OUT={out}", f"BUNDLES_LOCK={block}", f"IMAGES_LOCK={ilock}"],
                            capture_output=True, text=True, timeout=1800, cwd=REPO)
         if r.returncode == 0 or "building the wheelhouse" not in r.stdout + r.stderr:
@@ -159,6 +161,19 @@ def _delete_namespace(kube, name: str) -> None:
     wait_for(f"namespace {name} gone", gone, timeout=180)
 
 
+def release_docs(install: Path) -> list[dict]:
+    """``install.yaml`` as the e2e applies it (first install and upgrades alike): all of it,
+    except the example pool ConfigMap (ours replaces it) and with the admission policy's
+    registry list naming the registry the bundles were pushed to."""
+    docs = [d for d in yaml.safe_load_all(install.read_text())
+            if d and not (d["kind"] == "ConfigMap"     # our pool replaces the example
+                          and d["metadata"]["name"] == c.HOST_POOL_CONFIGMAP)]
+    for d in docs:    # the admission policy trusts the bundles of the registry they were pushed to
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mpc-admission":
+            d["data"]["bundleRegistries"] = f"{REGISTRY}/mpc\n"
+    return docs
+
+
 PREPARE_HOST = f"""\
 set -e
 # the node's registry speaks plain HTTP (RFC 1918 address): the build user's podman pulls from it
@@ -181,13 +196,8 @@ def installed(e2e_node, e2e_kube, host_farm, tmp_path_factory) -> Iterator[Insta
     t_release = time.monotonic() - t0
 
     _delete_namespace(e2e_kube, NS)                  # a warm node may keep an older run's
-    inst = Install(e2e_node, e2e_kube, [], bundles, builder, released)
-    docs = [d for d in yaml.safe_load_all(install.read_text())
-            if d and not (d["kind"] == "ConfigMap"     # our pool replaces the example
-                          and d["metadata"]["name"] == c.HOST_POOL_CONFIGMAP)]
-    for d in docs:    # the admission policy trusts the bundles of the registry they were pushed to
-        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mpc-admission":
-            d["data"]["bundleRegistries"] = f"{REGISTRY}/mpc\n"
+    inst = Install(e2e_node, e2e_kube, [], bundles, builder, released, install)
+    docs = release_docs(install)
     cluster_scoped = {(d["kind"], d["metadata"]["name"]) for d in docs
                       if "namespace" not in d["metadata"] and d["kind"] != "Namespace"}
 
@@ -236,7 +246,7 @@ def _watcher_args(apps, args: list[str]) -> None:
         "containers": [{"name": "glue", "args": args}]}}}})
 
 
-def _rolled_out(apps, coord) -> bool:
+def rolled_out(apps, coord) -> bool:
     d = apps.read_namespaced_deployment("mpc-glue", NS)
     s = d.status
     return (s.observed_generation == d.metadata.generation and s.updated_replicas == d.spec.replicas
@@ -253,11 +263,11 @@ def watcher_flag(inst: Install, flag: str, value: str) -> Iterator[None]:
     args = apps.read_namespaced_deployment("mpc-glue", NS).spec.template.spec.containers[0].args
     _watcher_args(apps, [a for a in args if a.split("=", 1)[0] != flag] + [f"{flag}={value}"])
     try:
-        wait_for(f"the watcher rolled out with {flag}={value}", lambda: _rolled_out(apps, coord))
+        wait_for(f"the watcher rolled out with {flag}={value}", lambda: rolled_out(apps, coord))
         yield
     finally:
         _watcher_args(apps, args)
-        wait_for("the watcher rolled back", lambda: _rolled_out(apps, coord))
+        wait_for("the watcher rolled back", lambda: rolled_out(apps, coord))
 
 
 # --- reading runs and secrets -----------------------------------------------------------
