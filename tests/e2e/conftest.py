@@ -16,6 +16,7 @@ import fcntl
 import os
 import shutil
 import warnings
+from pathlib import Path
 import uuid
 
 import pytest
@@ -122,3 +123,19 @@ def mpc(e2e_node, e2e_kube, host_farm, tmp_path_factory):
     from .install import installed
     with installed(e2e_node, e2e_kube, host_farm, tmp_path_factory) as inst:
         yield inst
+
+
+def pytest_collection_modifyitems(config, items):
+    """The per-test timeout (600 s, pyproject) bounds the e2e tests' own bodies only.
+
+    The session's setup (the node up, cold: up to ~6 min on a loaded machine; ``make
+    release``: images rebuilt whenever mpc's sources changed) is paid by whichever e2e
+    test runs first, in random order, and is bounded by its own waits and subprocess
+    timeouts; counted into that one test's 600 s it failed every e2e test of a run.
+    A test with a timeout marker of its own keeps it.
+    """
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(float(config.getini("timeout") or 600),
+                                              func_only=True))
