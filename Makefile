@@ -127,7 +127,8 @@ release: deps venv upstream ## images + bundles pushed, manifests pinned by dige
 	  --out $(PIN_OUT) tasks glue/deploy
 	$(MPC) bundles check-pinned --lock $(BUNDLES_LOCK) $(PIN_OUT)
 	$(VENV)/bin/kubectl kustomize $(PIN_OUT)/glue/deploy/install > $(PIN_OUT)/install.yaml
-	@echo "wrote $(PIN_OUT)/install.yaml"
+	cp glue/deploy/example-pool.yaml $(PIN_OUT)/example-pool.yaml
+	@echo "wrote $(PIN_OUT)/install.yaml (and an example host pool: $(PIN_OUT)/example-pool.yaml)"
 
 .PHONY: generate-buildah-remote
 generate-buildah-remote: venv ## regenerate tasks/buildah-remote from tasks/buildah

@@ -42,9 +42,13 @@ def test_make_release_pins_every_image_and_bundle_in_one_install_manifest(regist
     docs = [d for d in yaml.safe_load_all(text) if d]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for want in (("Namespace", "mpc"), ("Deployment", "mpc-glue"), ("Pipeline", "mpc-provision"),
-                 ("Task", "mpc-provision"), ("ServiceAccount", "mpc-tasks"),
-                 ("ConfigMap", "mpc-host-pool")):
+                 ("Task", "mpc-provision"), ("ServiceAccount", "mpc-tasks")):
         assert want in kinds, (want, sorted(kinds))
+    # re-applying a newer install.yaml must not replace the cluster's own pool: the example
+    # pool ships beside it
+    assert ("ConfigMap", "mpc-host-pool") not in kinds
+    example = yaml.safe_load((out / "example-pool.yaml").read_text())
+    assert (example["kind"], example["metadata"]["name"]) == ("ConfigMap", "mpc-host-pool")
     dep = next(d for d in docs if d["kind"] == "Deployment")
     assert {c["image"] for c in dep["spec"]["template"]["spec"]["containers"]} == {pushed["glue"]}
     step_images = {s["image"] for d in docs if d["kind"] == "Task"

@@ -162,12 +162,10 @@ def _delete_namespace(kube, name: str) -> None:
 
 
 def release_docs(install: Path) -> list[dict]:
-    """``install.yaml`` as the e2e applies it (first install and upgrades alike): all of it,
-    except the example pool ConfigMap (ours replaces it) and with the admission policy's
-    registry list naming the registry the bundles were pushed to."""
-    docs = [d for d in yaml.safe_load_all(install.read_text())
-            if d and not (d["kind"] == "ConfigMap"     # our pool replaces the example
-                          and d["metadata"]["name"] == c.HOST_POOL_CONFIGMAP)]
+    """``install.yaml`` as the e2e applies it (first install, upgrades and ``make run``
+    alike): all of it (it carries no pool: the example ships beside it), with the admission
+    policy's registry list naming the registry the bundles were pushed to."""
+    docs = [d for d in yaml.safe_load_all(install.read_text()) if d]
     for d in docs:    # the admission policy trusts the bundles of the registry they were pushed to
         if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mpc-admission":
             d["data"]["bundleRegistries"] = f"{REGISTRY}/mpc\n"

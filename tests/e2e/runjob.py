@@ -753,17 +753,11 @@ def kubectl(node: Node, *args: str, input: str | None = None) -> str:
 
 
 def install(node: Node, kube, release: Path) -> None:
-    """install.yaml as released; our pool replaces the example, the admission policy trusts
-    the registry the bundles were pushed to (as the e2e does)."""
-    from .install import _delete_namespace
+    """install.yaml as released, applied as the e2e applies it (``install.release_docs``)."""
+    from .install import _delete_namespace, release_docs
     _delete_namespace(kube, "mpc")                 # a kept node may hold an older run's
-    docs = [d for d in yaml.safe_load_all(release.read_text())
-            if d and not (d["kind"] == "ConfigMap" and d["metadata"]["name"] == c.HOST_POOL_CONFIGMAP)]
-    for d in docs:
-        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mpc-admission":
-            d["data"]["bundleRegistries"] = f"{REGISTRY}/mpc\n"
     kubectl(node, "apply", "--server-side", "--force-conflicts", "-f", "-",
-            input=yaml.safe_dump_all(docs))
+            input=yaml.safe_dump_all(release_docs(release)))
 
 
 def wait_watcher(kube, timeout: float = 600) -> None:
