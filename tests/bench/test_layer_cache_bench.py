@@ -10,15 +10,12 @@ asserted about time.
 """
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 
 import pytest
 from kubernetes import client
 
-from mpc.generator import buildah_remote as br
-from tests.generator.conftest import IMPORT_STEP_IMAGE, STEP_IMAGE
 from tests.generator.podsim import Pod
 from tests.generator.test_buildah_remote_run import pulled
 from tests.provisioning.test_layer_cache import PLATFORM, Builds
@@ -65,22 +62,7 @@ class Timed(Builds):
     """Builds whose pod keeps its workspace between builds (the same source checkout)."""
 
     def build_in(self, pod_dir, secret: dict, changed: str = "") -> dict:
-        user = secret["host"].split("@")[0]
-        self.h.exec(IMPORT_STEP_IMAGE.format(user=user), timeout=300)
-        name = uuid.uuid4().hex[:8]
-        sdir = self.tmp / f"secret-{name}"
-        sdir.mkdir()
-        for k, v in secret.items():
-            (sdir / k).write_text(v)
-        image = f"{self.registry.address}/bench/{name}:1"
-        pod = Pod(rootfs=self.pod_root, dir=pod_dir, task=self.task,
-                  params={"IMAGE": image, "TLSVERIFY": "false", "BUILDER_IMAGE": STEP_IMAGE,
-                          "PLATFORM": PLATFORM},
-                  sources={br.SSH_VOLUME: sdir})
-        src = pod.ws_dirs["source"]
-        (src / "Containerfile").write_text(CONTAINERFILE)
-        if not (src / "busybox").exists():
-            shutil.copy("/usr/bin/busybox", src / "busybox")
+        pod, image, name = self.pod(secret, pod_dir, repo="bench", containerfile=CONTAINERFILE)
         source_tree(pod, changed)
         rx0, tx0 = net_bytes(self.h)
         t = time.perf_counter()

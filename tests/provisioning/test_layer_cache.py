@@ -75,8 +75,10 @@ class Builds:
         user = secret["host"].split("@")[0]
         return self.h.ssh(cmd, user=user, key=self.key(secret), check=False)
 
-    def build(self, secret: dict, marker: str) -> tuple[str, str]:
-        """Build and push; returns (the build's output, the image's /stamp)."""
+    def pod(self, secret: dict, pod_dir=None, repo: str = "cache",
+            containerfile: str = CONTAINERFILE) -> tuple[Pod, str, str]:
+        """A simulated build pod holding ``secret`` (its workspace in ``pod_dir``, fresh if
+        None) with ``containerfile`` in its source; returns (pod, image to push, name)."""
         user = secret["host"].split("@")[0]
         self.h.exec(IMPORT_STEP_IMAGE.format(user=user), timeout=300)
         name = uuid.uuid4().hex[:8]
@@ -84,15 +86,21 @@ class Builds:
         sdir.mkdir()
         for k, v in secret.items():
             (sdir / k).write_text(v)
-        image = f"{self.registry.address}/cache/{name}:1"
-        pod = Pod(rootfs=self.pod_root, dir=self.tmp / f"pod-{name}", task=self.task,
+        image = f"{self.registry.address}/{repo}/{name}:1"
+        pod = Pod(rootfs=self.pod_root, dir=pod_dir or self.tmp / f"pod-{name}", task=self.task,
                   params={"IMAGE": image, "TLSVERIFY": "false", "BUILDER_IMAGE": STEP_IMAGE,
                           "PLATFORM": PLATFORM},
                   sources={br.SSH_VOLUME: sdir})
         src = pod.ws_dirs["source"]
-        (src / "Containerfile").write_text(CONTAINERFILE)
-        shutil.copy("/usr/bin/busybox", src / "busybox")
-        (src / "hello.txt").write_text(marker)
+        (src / "Containerfile").write_text(containerfile)
+        if not (src / "busybox").exists():
+            shutil.copy("/usr/bin/busybox", src / "busybox")
+        return pod, image, name
+
+    def build(self, secret: dict, marker: str) -> tuple[str, str]:
+        """Build and push; returns (the build's output, the image's /stamp)."""
+        pod, image, name = self.pod(secret)
+        (pod.ws_dirs["source"] / "hello.txt").write_text(marker)
         r = pod.run("build")
         assert r.returncode == 0, r.stderr[-4000:]
         assert pod.run("push").returncode == 0
