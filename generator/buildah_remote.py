@@ -37,7 +37,8 @@ image; python3 for the registry proxy that keeps registry credentials in the
 pod: templates/registry-proxy.py); on the host: rsync and podman, rootless or
 granted through ``sudo -n podman``; or, when the build's secret says ``builder: host``
 (a pool host that cannot run containers), no podman: buildah and the build's tools
-on the host, run as root through ``sudo -n /usr/bin/unshare -m`` (host.sh).
+on the host, run as root through ``sudo -n /usr/bin/unshare`` in a mount and PID
+namespace of their own (host.sh).
 """
 from __future__ import annotations
 

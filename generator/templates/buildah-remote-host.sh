@@ -9,9 +9,13 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # builder: host (the pool's opt-in for hosts that cannot run containers, e.g. QEMU
 # user-emulated ones): no builder container. The original build script runs as
 # root on the host, with the host's own tools, in a mount namespace of its own
-# (`sudo unshare -m`, the command provisioning allows for such a host), where the
+# (`sudo unshare`, the command provisioning allows for such a host), where the
 # directories the container would have had are bind-mounted at the pod's paths.
+# And in a PID namespace of its own: whatever root runs there dies with unshare
+# (--kill-child, then the kernel empties the namespace), which deprovisioning
+# kills when the build is cancelled, found by the SUDO_USER sudo gave it.
 unshare_cmd=@UNSHARE@
+as_root=(sudo -n "$unshare_cmd" --mount --pid --fork --kill-child --mount-proc)
 host_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 # As root, inside the namespace: the mounts, then the runner with the build's env.
@@ -59,9 +63,9 @@ if [ "${BUILDER:-container}" = host ]; then
   fi
   echo "mpc: no builder container on $(hostname) (pool: builder: host): the build script runs there as root with the host's tools" >&2
   rc=0
-  sudo -n "$unshare_cmd" -m /bin/bash "$here/host.sh" --in-namespace || rc=$?
+  "${as_root[@]}" /bin/bash "$here/host.sh" --in-namespace || rc=$?
   rm -f "$BUILD_DIR/env/build.env"
-  sudo -n "$unshare_cmd" -m /bin/bash "$here/host.sh" --give-back "$(id -u):$(id -g)" \
+  "${as_root[@]}" /bin/bash "$here/host.sh" --give-back "$(id -u):$(id -g)" \
     || rc=$((rc ? rc : 1))
   exit "$rc"
 fi

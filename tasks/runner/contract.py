@@ -26,7 +26,7 @@ KEY_ERROR = "error"            # alone: why no host could be provided
 KEY_REGISTRY_PORT = "registry-port"   # the one port the build key may listen on (ssh -R)
 # How buildah-remote runs the build script on the host: absent (or BUILDER_CONTAINER) in its
 # builder container (podman run); BUILDER_HOST: as root on the host itself, in a private
-# mount namespace (`sudo HOST_BUILDER_COMMAND -m`), for hosts that cannot run containers
+# mount and PID namespace (`sudo HOST_BUILDER_COMMAND -m --pid ...`), for hosts that cannot run containers
 # (the pool's per-host `builder: host`; provisioning then grants that sudo command)
 KEY_BUILDER = "builder"
 BUILDER_CONTAINER = "container"

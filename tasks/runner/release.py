@@ -53,7 +53,8 @@ def remove_users(kube: Kube, namespace: str, host: Host, users: list[str]) -> in
         return 0
     with hostkeys.session(kube, namespace, host) as s:
         s.run(script("deprovision-users.sh", BUILD_USERS=" ".join(users),
-                     CONTAINER_LABEL=contract.LABEL_BUILD_USER, CACHE_ROOT=contract.CACHE_ROOT))
+                     CONTAINER_LABEL=contract.LABEL_BUILD_USER, CACHE_ROOT=contract.CACHE_ROOT,
+                     HOST_BUILDER_COMMAND=contract.HOST_BUILDER_COMMAND))
         return s.round_trips
 
 

@@ -4,11 +4,14 @@
 #   CONTAINER_LABEL  the label buildah-remote puts on the containers it runs
 #                    (its value: the build user)
 #   CACHE_ROOT       where namespaces' layer caches live (provision-user.sh)
+#   HOST_BUILDER_COMMAND  the command a `builder: host` build runs as root
+#                    through its sudo rule (unshare, with a PID namespace)
 # A missing user is success: deprovisioning is idempotent.
 #
 # Everything of a build goes, in this order: no new logins; every process
-# running under the user's uid or one of its subordinate uids; the containers
-# it started through `sudo podman`; then the user with its home, its
+# running under the user's uid or one of its subordinate uids; the root PID
+# namespaces of its `builder: host` builds; the containers it started
+# through `sudo podman`; then the user with its home, its
 # /etc/subuid and /etc/subgid entries, its sudoers and limits files and what
 # it left in /tmp, /var/tmp and /dev/shm. The uid and the subordinate range go
 # to the next build user: nothing of this one may still run or lie there.
@@ -72,6 +75,45 @@ kill_all() {
   [ -z "$pids" ] || fail "processes of $user still run after 50 rounds of SIGKILL: ${pids//$'\n'/ }"
 }
 
+# A `builder: host` build runs as root through the user's sudo rule, in a PID
+# namespace whose unshare (--kill-child) takes every process in it along when it
+# dies. Those unshares are found by what sudo put into their environment, which
+# only this user's sudo invocations carry: SUDO_USER=<user>, and the command.
+# They and their children (each namespace's first process) are killed, and gone
+# (or zombies: a namespace's first process is one only once the kernel has
+# killed the rest) before the user is.
+host_build_pids() {
+  local files
+  files="$(sudo -n grep -s -l -z -x -F "SUDO_USER=$1" /proc/[0-9]*/environ || true)"
+  [ -n "$files" ] || return 0
+  # shellcheck disable=SC2086 # one file a word
+  { sudo -n grep -s -l -z -E "^SUDO_COMMAND=$HOST_BUILDER_COMMAND( |\$)" $files || true; } | cut -d/ -f3
+}
+
+kill_host_builds() {
+  local user=$1 pids tree alive pid state
+  for _ in $(seq 1 50); do
+    pids="$(host_build_pids "$user")"
+    [ -n "$pids" ] || return 0
+    # with their children: the PPid lines of /proc
+    tree="$({ grep -s -H '^PPid:' /proc/[0-9]*/status || true; } | awk -v pids="$pids" '
+      BEGIN { n = split(pids, p, "\n"); for (i = 1; i <= n; i++) { want[p[i]] = 1; print p[i] } }
+      { split($1, f, "/"); if ($2 in want) print f[3] }')"
+    # shellcheck disable=SC2086 # one pid a word
+    sudo -n kill -KILL $tree 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      alive=""
+      for pid in $tree; do
+        state="$(awk '$1 == "State:" { print $2 }' "/proc/$pid/status" 2>/dev/null || true)"
+        case "$state" in "" | Z | X) ;; *) alive=1 ;; esac
+      done
+      [ -n "$alive" ] || break
+      sleep 0.1
+    done
+  done
+  fail "root processes of $user's host builds still run after 50 rounds of SIGKILL: ${pids//$'\n'/ }"
+}
+
 # Containers the user ran as root through a sudo rule: buildah-remote labels
 # them with the user. (A user allowed `sudo podman` is root on the host; the
 # label finds what mpc's own build ran, not what such a user could hide.)
@@ -130,6 +172,7 @@ for user in $BUILD_USERS; do
     # no new logins while its processes go (sshd refuses expired accounts)
     retry sudo -n usermod --expiredate 1 "$user"
     kill_all "$user" "$ranges"
+    kill_host_builds "$user"
     remove_containers "$user"
     kill_all "$user" "$ranges"
     retry sudo -n userdel --force --remove "$user" || true
@@ -142,6 +185,7 @@ for user in $BUILD_USERS; do
     return_cache "$user"
     remove_leftovers "$ranges"
   else
+    kill_host_builds "$user"
     remove_containers "$user"
     return_cache "$user"
   fi
