@@ -9,7 +9,7 @@ architectures (``file`` and the ELF header of ``/usr/bin/ls`` from each image).
 
 qemu-user cannot start a container (docs/emulated-hosts.md), so the pool gives
 these hosts ``builder: host``: buildah-remote runs the build script as root on
-the host itself (``sudo unshare -m``, the pod's paths bind-mounted), with the
+the host itself (``sudo unshare`` into a mount and PID namespace of its own, the pod's paths bind-mounted), with the
 host's buildah. A failure of any kind fails the test (``runjob.explain``).
 
 Bounded: the test function ends within ``LIMIT`` seconds (pytest-timeout; the
