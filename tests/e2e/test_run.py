@@ -26,7 +26,7 @@ from mpc.runner import contract as c
 
 from . import hosts as e2e_hosts
 from . import runjob
-from .install import NS, PREPARE_HOST
+from .install import NS, PREPARE_HOST, wait_for
 from .node import REGISTRY
 
 LIMIT = 600                 # the test function: images pushed, builds, index checked
@@ -51,7 +51,12 @@ def emulated_pool(mpc, host_farm):
         runjob.install_pool(mpc.kube, records, NS)
         yield hosts
     finally:
-        core.patch_namespaced_config_map(c.HOST_POOL_CONFIGMAP, NS, {"data": before})
+        # the builds' deprovisioning needs these hosts: a host gone first keeps its slot for
+        # the removed-host grace (24 h), and the next test of the session finds it
+        try:
+            wait_for("the builds' slots released", lambda: not mpc.slots(), timeout=300)
+        finally:
+            core.patch_namespaced_config_map(c.HOST_POOL_CONFIGMAP, NS, {"data": before})
         for r in records:
             try:
                 core.delete_namespaced_secret(f"admin-{r['name']}", NS)
@@ -87,5 +92,9 @@ def test_make_run_builds_one_index_of_arm64_and_s390x_images(mpc, emulated_pool,
                          if p["name"] == "PLATFORM"), None)
             if plat:
                 assert tr["status"]["conditions"][0]["status"] == "True", (tn, tr["status"])
+        # and each was deprovisioned: no slot, no build user left on the emulated hosts
+        wait_for("the builds' slots released", lambda: not mpc.slots(), timeout=300)
+        assert {h.name: [u for u in h.users() if c.USER_RE.match(u)] for h in emulated_pool} \
+            == {h.name: [] for h in emulated_pool}
     finally:
         runjob.drop_claim(node, kube, ns, "multiarch-src")
