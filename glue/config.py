@@ -56,6 +56,7 @@ class Config:
     gc_interval: float = 60.0
     sweep_interval: float = 1800.0
     cancel_grace: float = 60.0
+    unresolved_pause: float = 5.0
     resync_period: float = 3600.0
     watch_timeout: int = 300
     page_size: int = 100
@@ -112,6 +113,10 @@ def parser() -> argparse.ArgumentParser:
     add("--cancel-grace", "MPC_GLUE_CANCEL_GRACE",
         "after cancelling a provisioning run, wait at most this long for it to stop before "
         "deprovisioning anyway", default="60s", type=duration)
+    add("--unresolved-pause", "MPC_GLUE_UNRESOLVED_PAUSE",
+        "a run Tekton could not resolve (bundle registry or API server unreachable) is made "
+        "again after this pause, then 3x and 9x it (4 attempts in all)",
+        default="5s", type=duration)
     add("--resync-period", "MPC_GLUE_RESYNC_PERIOD",
         "re-list all TaskRuns this often as a safety net (0: only when a watch expires)",
         default="1h", type=duration)
@@ -163,7 +168,8 @@ def parse(argv: list[str] | None = None) -> Config:
     cfg = Config(**{k: v for k, v in vars(a).items()})
     if isinstance(cfg.leader_elect, str):
         cfg.leader_elect = cfg.leader_elect.lower() in ("1", "true", "yes")
-    for k in ("retention", "gc_interval", "sweep_interval", "cancel_grace", "resync_period",
+    for k in ("retention", "gc_interval", "sweep_interval", "cancel_grace", "unresolved_pause",
+              "resync_period",
               "lease_duration", "renew_deadline", "retry_period"):
         v = getattr(cfg, k)
         if isinstance(v, str):  # came from the environment: argparse does not convert defaults

@@ -152,7 +152,7 @@ class Controller:
         self.metrics.watch_events.labels("pipelinerun").inc()
         name = detect.meta(obj, "name", "")
         if etype == "DELETED":
-            self.store.drop_run(name)
+            self.store.drop_run(name, detect.meta(obj, "uid"))
             with self.store.lock:
                 self.counted.discard(name)
             return

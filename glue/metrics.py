@@ -140,6 +140,9 @@ class Metrics:
                                       ["platform"], registry=r)
         self.reconciles = Counter(f"{PREFIX}_reconciles", "Reconciles by outcome", ["outcome"],
                                   registry=r)
+        self.runs_remade = Counter(f"{PREFIX}_runs_remade", "Runs Tekton could not resolve "
+                                   "(bundle registry or API server unreachable), made again",
+                                   ["role", "platform"], registry=r)
         self.runs_deleted = Counter(f"{PREFIX}_runs_garbage_collected",
                                     "Finished runs deleted by GC", ["role"], registry=r)
         self.sweeps = Counter(f"{PREFIX}_sweeps_started", "Sweep TaskRuns started", registry=r)

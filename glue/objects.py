@@ -63,11 +63,13 @@ def provision_timeouts(max_wait_seconds: int) -> dict:
 
 def _build_run(run: str, role: str, pipeline: str, controller_ns: str, sa: str,
                namespace: str, name: str, uid: str, platform: str | None,
-               params: dict[str, str], bundle: str | None, **spec) -> dict:
+               params: dict[str, str], bundle: str | None, attempt: int = 1, **spec) -> dict:
     """A PipelineRun of one of mpc's Pipelines for one build, labelled with the build."""
     ann = {c.ANN_TASKRUN_NAME: name}
     if platform:
         ann[c.ANN_PLATFORM] = platform
+    if attempt > 1:
+        ann[c.ANN_ATTEMPT] = str(attempt)
     return {
         "apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
         "metadata": {"name": run, "namespace": controller_ns,
@@ -79,24 +81,25 @@ def _build_run(run: str, role: str, pipeline: str, controller_ns: str, sa: str,
 
 
 def provision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
-                  platform: str, bundle: str | None = None, max_wait_seconds: int = 3600) -> dict:
+                  platform: str, bundle: str | None = None, max_wait_seconds: int = 3600,
+                  attempt: int = 1) -> dict:
     return _build_run(
         c.provision_run_name(uid), ROLE_PROVISION, c.PROVISION_PIPELINE, controller_ns, sa,
         namespace, name, uid, platform,
-        dict(zip(c.PIPELINE_PARAMS, (name, namespace, uid, platform))), bundle,
+        dict(zip(c.PIPELINE_PARAMS, (name, namespace, uid, platform))), bundle, attempt,
         timeouts=provision_timeouts(max_wait_seconds))
 
 
 def provision_failed_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
                          platform: str, failed_run: str, status: str,
-                         bundle: str | None = None) -> dict:
+                         bundle: str | None = None, attempt: int = 1) -> dict:
     """Answers a build whose provisioning run ended without success: its error secret,
     unless an answer exists (a cancelled run never runs its error-secret finally)."""
     params = dict(zip(c.PIPELINE_PARAMS, (name, namespace, uid, platform)))
     params.update(PIPELINERUN=failed_run, PROVISION_STATUS=status)
     return _build_run(
         c.provision_failed_run_name(uid), ROLE_PROVISION_FAILED, c.PROVISION_FAILED_PIPELINE,
-        controller_ns, sa, namespace, name, uid, platform, params, bundle)
+        controller_ns, sa, namespace, name, uid, platform, params, bundle, attempt)
 
 
 def deprovision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,

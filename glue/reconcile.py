@@ -7,6 +7,9 @@ For one build TaskRun (key: its uid), from ``store``:
                                     (AlreadyExists = done); while its platform is full, wait in
                                     memory; past maxWaitSeconds start mpc-provision-failed
   provisioning run failed        -> start mpc-provision-failed (its error secret, unless one exists)
+  a run of ours unresolved       -> (Tekton could not fetch its Pipeline or Tasks, it started
+                                    nothing) delete it and make it again after a pause,
+                                    at most RESOLVE_ATTEMPTS times in all
   finished/deleting, finalizer   -> cancel provisioning still in flight (wait for it, bounded
                                     by --cancel-grace), ensure mpc-deprovision-<uid>, then
                                     remove the finalizer
@@ -37,6 +40,9 @@ from .workqueue import WorkQueue
 log = logging.getLogger("mpc.glue")
 
 RECHECK_SECONDS = 30.0     # a waiting build looks again at least this often (pool edits)
+RESOLVE_ATTEMPTS = 4       # an unresolved run is made at most this often (per process), after
+                           # pauses of 1, 3 and 9 x --unresolved-pause (5 s: 65 s in all,
+                           # outlasting an API server restart or a short registry outage)
 
 
 class Reconciler:
@@ -101,24 +107,58 @@ class Reconciler:
 
     def _provision(self, b: Build) -> None:
         run = self.store.run(b.provision_run)
+        failed = self.store.run(b.failed_run)
+        if failed is not None and self._remade(b, failed):
+            return
         if run is None:
-            if self.store.run(b.failed_run) is None:
+            if failed is None:
                 self._admit(b)          # else it waited too long and has its answer
         elif run.succeeded is True:
             self._event(b, "Provisioned", f"PipelineRun {self.ns}/{run.name} succeeded",
                         warning=False)
-        elif run.succeeded is False:
+        elif run.succeeded is False and not self._remade(b, run):
             reason = run.reason or "Failed"
             # its finally wrote the error secret, unless the run was cancelled or the
             # finally could not run: make sure the waiting build gets an answer
-            if self.store.run(b.failed_run) is None and self._create_run(
-                    objects.provision_failed_run(
-                        self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid,
-                        b.platform, run.name, reason, bundle=self.cfg.pipeline_bundle)):
+            attempt = self._attempt(b, b.failed_run) if failed is None else None
+            if attempt and self._create_run(objects.provision_failed_run(
+                    self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid,
+                    b.platform, run.name, reason, bundle=self.cfg.pipeline_bundle,
+                    attempt=attempt)):
                 self._decision("provisioning failed; error-secret run created", b,
                                run=b.failed_run, reason=reason)
             self._event(b, "ProvisioningFailed", f"PipelineRun {self.ns}/{run.name} failed "
                         f"({reason}); see its logs in namespace {self.ns}", warning=True)
+
+    def _remade(self, b: Build, run: Run) -> bool:
+        """Tekton could not resolve ``run`` (a bundle registry or the API server did not
+        answer for a moment) and it started nothing: delete it, to be made again after a
+        pause (``_attempt``), instead of failing the build. True if so."""
+        if not run.unresolved or run.attempt >= RESOLVE_ATTEMPTS:
+            return False
+        pause = self.cfg.unresolved_pause * 3 ** (run.attempt - 1)
+        self.kube.delete(k.pipelineruns(self.ns, run.name), uid=run.uid)
+        self.store.drop_run(run.name, run.uid)
+        b.remake[run.name] = (run.attempt + 1, time.time() + pause)
+        self.metrics.runs_remade.labels(run.role, self.metrics.platform(b.platform)).inc()
+        self._decision("run unresolved by Tekton; making it again after a pause", b,
+                       run=run.name, reason=run.reason, attempt=run.attempt + 1, pause=pause)
+        self._event(b, "RunUnresolved", f"Tekton could not resolve PipelineRun "
+                    f"{self.ns}/{run.name} ({run.reason}); mpc makes it again in "
+                    f"{pause:.0f} s (attempt {run.attempt + 1} of {RESOLVE_ATTEMPTS})",
+                    warning=True)
+        self.queue.add_after(b.uid, pause + 0.1)
+        return True
+
+    def _attempt(self, b: Build, name: str) -> int | None:
+        """The attempt number to make run ``name`` with now, or None while the pause after
+        its unresolved predecessor lasts (the queue brings the build back then)."""
+        attempt, not_before = b.remake.get(name, (1, 0.0))
+        left = not_before - time.time()
+        if left > 0:
+            self.queue.add_after(b.uid, left + 0.1)
+            return None
+        return attempt
 
     def _admit(self, b: Build) -> None:
         pool, pool_errors = self._pool()
@@ -136,10 +176,11 @@ class Reconciler:
             self.queue.add_after(b.uid, min(RECHECK_SECONDS, d.timeout_in + 0.5))
             return
         if d.verdict == capacity.TIMED_OUT:
-            if self._create_run(objects.provision_failed_run(
+            attempt = self._attempt(b, b.failed_run)
+            if attempt and self._create_run(objects.provision_failed_run(
                     self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid,
                     b.platform, "", c.PROVISION_STATUS_QUEUE_TIMEOUT,
-                    bundle=self.cfg.pipeline_bundle)):
+                    bundle=self.cfg.pipeline_bundle, attempt=attempt)):
                 self.metrics.queue_timeouts.labels(p).inc()
                 self._decision("waited past maxWaitSeconds; error-secret run created", b)
             self._event(b, "QueueTimeout", f"No {b.platform} host became free within the host "
@@ -149,9 +190,12 @@ class Reconciler:
         # cancels a run that may still be waiting, and its error-secret finally always runs
         max_wait = (pool or hostpool.Pool()).max_wait_seconds
         run = b.provision_run
+        attempt = self._attempt(b, run)
+        if attempt is None:
+            return
         created = self._create_run(objects.provision_run(
             self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid, b.platform,
-            bundle=self.cfg.pipeline_bundle, max_wait_seconds=max_wait))
+            bundle=self.cfg.pipeline_bundle, max_wait_seconds=max_wait, attempt=attempt))
         self._step("provision-created")
         if created is not None:
             self.metrics.runs_started.labels(objects.ROLE_PROVISION, p).inc()
@@ -261,7 +305,7 @@ class Reconciler:
             self.metrics.runs_deleted.labels(run.role).inc()
             log.info("run deleted", extra={"fields": {"run": run.name, "role": run.role,
                                                       "why": why}})
-        self.store.drop_run(run.name)
+        self.store.drop_run(run.name, run.uid)
 
     def collect_runs(self, uid: str) -> None:
         """The build no longer holds us: delete its successful runs now."""

@@ -32,6 +32,13 @@ def _rv(obj: dict) -> int:
         return 0
 
 
+def _attempt(value: str | None) -> int:
+    try:
+        return max(1, int(value or 1))
+    except ValueError:
+        return 1
+
+
 @dataclass
 class Build:
     """What the watcher keeps of one build TaskRun (a few hundred bytes)."""
@@ -51,6 +58,8 @@ class Build:
     queue_position: int | None = None    # last position logged while it waited
     provision_run: str = ""              # names of its runs, computed once
     failed_run: str = ""
+    remake: dict = field(default_factory=dict)   # run name -> (attempt, not before): an
+                                                 # unresolved run deleted, to be made again
 
     def __post_init__(self) -> None:
         self.provision_run = c.provision_run_name(self.uid)
@@ -85,6 +94,8 @@ class Run:
     cancel_requested: str | None
     finished_at: float | None
     resource_version: int
+    unresolved: bool = False             # c.unresolved: failed before it started anything
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -151,7 +162,8 @@ class Store:
                   labels.get(c.LABEL_TASKRUN_UID, ""), ann.get(c.ANN_PLATFORM),
                   c.succeeded(obj), c.condition_reason(obj),
                   (obj.get("spec") or {}).get("status") == "Cancelled",
-                  ann.get(self._cancel_ann), done_at, _rv(obj))
+                  ann.get(self._cancel_ann), done_at, _rv(obj), c.unresolved(obj),
+                  _attempt(ann.get(c.ANN_ATTEMPT)))
         with self.lock:
             old = self.runs.get(run.name)
             if old is not None and old.uid == run.uid and run.resource_version < old.resource_version:
@@ -164,9 +176,13 @@ class Store:
         with self.lock:
             return self.runs.get(name)
 
-    def drop_run(self, name: str) -> None:
+    def drop_run(self, name: str, uid: str | None = None) -> None:
+        """Forget run ``name`` (only if it is still the one with ``uid``, when given: the
+        deletion of a run made again by that name must not drop its successor)."""
         with self.lock:
-            self.runs.pop(name, None)
+            run = self.runs.get(name)
+            if run is not None and (uid is None or run.uid == uid):
+                del self.runs[name]
 
     # --- slots -------------------------------------------------------------------
     def put_slot(self, lease: dict) -> SlotLease:

@@ -60,6 +60,7 @@ ANN_ADMIN_SECRET = f"{DOMAIN}/admin-secret"     # Secret (controller namespace) 
 ANN_UNREACHABLE_SINCE = f"{DOMAIN}/unreachable-since"   # first failed release of a removed host
 # on a waiter Lease: hosts of its platform the build cannot use (they failed for it)
 ANN_EXCLUDED_HOSTS = f"{DOMAIN}/excluded-hosts"
+ANN_ATTEMPT = f"{DOMAIN}/attempt"               # 2, 3, ...: a run made again (``unresolved``)
 
 # --- on build hosts ----------------------------------------------------------------
 # buildah-remote labels the containers it runs with the build user (value: the user
@@ -186,6 +187,18 @@ def succeeded(obj: dict | None) -> bool | None:
 def condition_reason(obj: dict | None) -> str:
     """The reason of the ``Succeeded`` condition ("" while there is none)."""
     return str((succeeded_condition(obj) or {}).get("reason") or "")
+
+
+# Tekton could not fetch the Pipeline or one of its Tasks (bundle registry or API server
+# unreachable for a moment: Tekton 1.0 ends the run instead of retrying)
+RESOLUTION_FAILURES = ("CouldntGetPipeline", "CouldntGetTask")
+
+
+def unresolved(obj: dict | None) -> bool:
+    """The run failed because Tekton could not resolve its Pipeline or Tasks, before it
+    started any of them: nothing of it ran, so making it again cannot duplicate work."""
+    return (succeeded(obj) is False and condition_reason(obj) in RESOLUTION_FAILURES
+            and not ((obj or {}).get("status") or {}).get("childReferences"))
 
 
 def build_done(taskrun: dict | None, uid: str) -> str | None:
