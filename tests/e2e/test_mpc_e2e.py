@@ -445,3 +445,49 @@ def test_a_cancelled_provisioning_run_still_gives_the_build_an_error_secret(mpc,
         core.patch_namespaced_config_map(c.HOST_POOL_CONFIGMAP, NS, {"data": {c.POOL_KEY: before}})
         core.delete_namespaced_secret(f"admin-{h.name}", NS)
         h.destroy()
+
+
+def test_a_registry_outage_as_a_build_starts_delays_it_instead_of_failing_it(mpc, e2e_namespace):
+    """The registry that serves mpc's bundles is down when a build is created: Tekton
+    cannot fetch the provisioning Pipeline and ends that run (``CouldntGetPipeline``), which
+    started nothing. The watcher makes the run again after a pause (``RunUnresolved``
+    Event), so once the registry is back the build gets its host. Before, the build got
+    an error secret for a short blip (the soak: ``CouldntGetTask`` during an API server
+    restart) or, as here, no answer at all (its error-secret run was unresolved too)."""
+    inst, ns = mpc, e2e_namespace
+    core = client.CoreV1Api(inst.kube)
+    name = "outage"
+    secret = c.secret_name(name)
+
+    def unresolved_event() -> str:
+        return next((e.message for e in core.list_namespaced_event(ns).items
+                     if e.reason == "RunUnresolved" and e.involved_object.name == name), "")
+    inst.node._stop([("registry", 3)])
+    try:
+        _co(inst.kube).create_namespaced_custom_object("tekton.dev", "v1", ns, "taskruns", {
+            "apiVersion": "tekton.dev/v1", "kind": "TaskRun", "metadata": {"name": name},
+            "spec": {"params": [{"name": c.PLATFORM_PARAM, "value": PLATFORM}],
+                     "taskSpec": {
+                         "params": [{"name": c.PLATFORM_PARAM, "type": "string"}],
+                         "volumes": [{"name": "ssh", "secret": {"secretName": secret}}],
+                         "steps": [{"name": "build", "image": BUSYBOX,
+                                    "volumeMounts": [{"name": "ssh", "mountPath": "/ssh"}],
+                                    "script": "#!/bin/sh\nif [ -s /ssh/host ]; then "
+                                              "cat /ssh/host; else cat /ssh/error; exit 1; fi\n"}]}}})
+        # (without the fix no answer ever came: the provision-failed run that was to write
+        # the error secret could not be resolved either, and the build hung)
+        wait_for("the unresolved provisioning run made again, or an error secret",
+                 lambda: unresolved_event() or secret_exists(inst, ns, secret) and c.KEY_ERROR
+                 in (core.read_namespaced_secret(secret, ns).data or {}))
+    finally:
+        inst.node._registry_up()
+    done = wait_done(inst, ns, "taskruns", name)
+    log = step_log(inst, ns, done, "build")
+    assert _cond(done).get("status") == "True", (log, inst.watcher_log())
+    msg = unresolved_event()
+    assert "CouldntGetPipeline" in msg or "CouldntGetTask" in msg, msg
+    assert log.strip().split("@")[-1] in {h.address for h in inst.hosts}, log
+    wait_for("the finalizer removed and the secret deleted", lambda: not secret_exists(
+        inst, ns, secret) and c.FINALIZER not in (
+        get(inst, ns, "taskruns", name)["metadata"].get("finalizers") or ()))
+    print(f"\nFIGURES registry outage: {msg}")

@@ -96,9 +96,9 @@ setsid sleep 3601 </dev/null >/dev/null 2>&1 &
 if [ $CONTAINER = 1 ]; then $(cat /soak/sleeper); fi
 sleep $SLEEP
 echo soak-ok $BUILD"
-exec ssh -i /tmp/key -o UserKnownHostsFile=/ssh/known_hosts -o StrictHostKeyChecking=yes \
+ssh -i /tmp/key -o UserKnownHostsFile=/ssh/known_hosts -o StrictHostKeyChecking=yes \
   -o BatchMode=yes -o ConnectTimeout=15 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 \
-  "$host" "$remote"
+  "$host" "$remote" | tee "$RESULT_OK"
 """
 
 
@@ -216,6 +216,7 @@ class Build:
     touched: list[str] = field(default_factory=list)   # faults aimed at this build
     outcome: str = ""
     log: str = ""
+    result: str = ""                     # its "ok" result: the remote side's last words
     pruned: bool = False
 
 
@@ -293,6 +294,8 @@ class Soak:
                 b.status, b.done_at = ok, time.time()
                 cond = c.succeeded_condition(tr) or {}
                 b.reason = f"{cond.get('reason', '')}: {cond.get('message', '')[:300]}"
+                b.result = "".join(str(r.get("value", "")) for r in
+                                   (tr.get("status") or {}).get("results") or ())
             b.step_running = any(s.get("running") for s in (tr.get("status") or {}).get("steps") or ())
 
     def on_secret(self, typ: str, s: dict) -> None:
@@ -403,13 +406,15 @@ class Soak:
                          "timeout": "30m",
                          "taskSpec": {
                              "params": [{"name": c.PLATFORM_PARAM, "type": "string"}],
+                             "results": [{"name": "ok"}],
                              "volumes": [{"name": "ssh", "secret": {"secretName": c.secret_name(b.name)}},
                                          {"name": "soak", "configMap": {"name": "soak-sleeper"}}],
                              "steps": [{
                                  "name": "build", "image": self.inst.builder_image,
                                  "env": [{"name": "BUILD", "value": b.name},
                                          {"name": "SLEEP", "value": f"{b.sleep:.1f}"},
-                                         {"name": "CONTAINER", "value": "1" if b.container else "0"}],
+                                         {"name": "CONTAINER", "value": "1" if b.container else "0"},
+                                         {"name": "RESULT_OK", "value": "$(results.ok.path)"}],
                                  "computeResources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
                                  "volumeMounts": [{"name": "ssh", "mountPath": "/ssh"},
                                                   {"name": "soak", "mountPath": "/soak"}],
@@ -802,10 +807,12 @@ def classify(soak: Soak) -> None:
             b.outcome = "HUNG: never created"
         elif b.status is None:
             b.outcome = "HUNG: still running"
-        elif b.status and "soak-ok" in b.log:
+        elif b.status and "soak-ok" in b.log + b.result:
+            # the result too: a step log can come back empty after faults on the node
             b.outcome = "served"
         elif b.status:
-            b.outcome = f"UNEXPLAINED: succeeded without soak-ok in its log: {b.log[-300:]!r}"
+            b.outcome = (f"UNEXPLAINED: succeeded without soak-ok in its log or result: "
+                         f"{b.log[-300:]!r} {b.result!r}")
         elif b.error or "mpc-error:" in b.log:
             msg = b.error or b.log.split("mpc-error:", 1)[1]
             causes = []
