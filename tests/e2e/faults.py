@@ -10,10 +10,13 @@
 - ``host_off`` / ``host_on``: an SSH host loses power (every process in it dies, its
   link goes down so connections time out instead of being refused) and boots again
   with the same disk.
+- ``registry_down``: the node's registry (it serves mpc's bundles and images) is stopped
+  for the block and started again with the same storage.
 - ``apiserver_requests``: the sum of the API server's own ``apiserver_request_total``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import ssl
@@ -21,6 +24,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 from kubernetes import client
 
@@ -40,6 +44,16 @@ def restart_apiserver(node: Node, down_for: float = 0.0) -> float:
     node._wait("kube-apiserver /readyz", lambda: node.http_inside(
         "https://127.0.0.1:6443/readyz") == "ok", 180, "kube-apiserver")
     return time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def registry_down(node: Node) -> Iterator[None]:
+    """The node's registry is down inside the block, and back (same storage) after it."""
+    node._stop([("registry", 3)])
+    try:
+        yield
+    finally:
+        node._registry_up()
 
 
 def apiserver_requests(node: Node) -> float:

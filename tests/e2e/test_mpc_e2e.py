@@ -35,6 +35,7 @@ from kubernetes import client, watch
 
 from mpc.runner import contract as c
 
+from . import faults
 from . import hosts as e2e_hosts
 from . import images
 from .install import (NS, PLATFORM, Install, _co, _cond, _ts, get, secret_exists, step_log,
@@ -462,8 +463,7 @@ def test_a_registry_outage_as_a_build_starts_delays_it_instead_of_failing_it(mpc
     def unresolved_event() -> str:
         return next((e.message for e in core.list_namespaced_event(ns).items
                      if e.reason == "RunUnresolved" and e.involved_object.name == name), "")
-    inst.node._stop([("registry", 3)])
-    try:
+    with faults.registry_down(inst.node):
         _co(inst.kube).create_namespaced_custom_object("tekton.dev", "v1", ns, "taskruns", {
             "apiVersion": "tekton.dev/v1", "kind": "TaskRun", "metadata": {"name": name},
             "spec": {"params": [{"name": c.PLATFORM_PARAM, "value": PLATFORM}],
@@ -479,8 +479,6 @@ def test_a_registry_outage_as_a_build_starts_delays_it_instead_of_failing_it(mpc
         wait_for("the unresolved provisioning run made again, or an error secret",
                  lambda: unresolved_event() or secret_exists(inst, ns, secret) and c.KEY_ERROR
                  in (core.read_namespaced_secret(secret, ns).data or {}))
-    finally:
-        inst.node._registry_up()
     done = wait_done(inst, ns, "taskruns", name)
     log = step_log(inst, ns, done, "build")
     assert _cond(done).get("status") == "True", (log, inst.watcher_log())

@@ -18,8 +18,6 @@ from tests.infra.procs import wait_for
 from .support import _cond, _now, build_taskrun
 from .test_lifecycle import events_for
 
-G, V = "tekton.dev", "v1"
-
 
 def unresolved(tekton, ns: str, name: str, reason: str = "CouldntGetTask",
                children: bool = False) -> dict:
@@ -56,7 +54,7 @@ def test_unresolved_provisioning_is_made_again_then_answered(tekton, watcher, ku
         unresolved(tekton, ctrl_ns, run, "CouldntGetPipeline" if attempt == 2 else "CouldntGetTask")
         pr = wait_pr(tekton, ctrl_ns, run, w.log, pr["metadata"]["uid"])
         assert pr["metadata"]["annotations"][c.ANN_ATTEMPT] == str(attempt)
-        # the same run, made again: same params, labels and timeouts
+        # the same run, made again: the same Pipeline, for the same build
         assert pr["spec"]["pipelineRef"] == {"name": c.PROVISION_PIPELINE}
         assert pr["metadata"]["labels"][c.LABEL_TASKRUN_UID] == uid
         assert tekton.get_pr(ctrl_ns, failed) is None      # no answer while it may still work
