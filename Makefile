@@ -11,6 +11,9 @@ export MPC_CACHE
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# `make test` runs the suite on this many pytest-xdist workers: the e2e node's tests on
+# one, in turn (tests/conftest.py groups them), everything else beside them.
+TEST_WORKERS ?= 2
 
 APT_PACKAGES := debootstrap rsync zstd iproute2 openssh-client \
 	podman buildah skopeo runc crun netavark uidmap fuse-overlayfs \
@@ -61,8 +64,10 @@ rootfs: deps venv ## debootstrap the SSH test-host rootfs, amd64 + emulated arm6
 	$(PY) -m tests.infra.foreignroot
 
 .PHONY: test
-test: deps venv upstream rootfs ## install everything and run the whole suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: deps venv ## install everything and run the whole suite
+	@# the Go build is CPU-bound, the rootfs mostly waits on Debian's mirror: side by side
+	$(MAKE) --no-print-directory -j2 upstream rootfs
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 .PHONY: bench
 bench: deps venv upstream rootfs ## run the benchmarks; they print figures

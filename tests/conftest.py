@@ -77,6 +77,25 @@ def make_host(host_farm):
         h.destroy()
 
 
+# `make test` runs the suite on two pytest-xdist workers (``--dist loadgroup``). Tests
+# that need the e2e node, or build mpc's images as `make release` does, form one group:
+# one worker runs them in turn on one node (and builds the images once, not twice at the
+# same time), the other worker takes the rest. The group goes first: it is the long pole.
+NODE_GROUP = "e2e-node"
+_NODE_PATHS = (Path(__file__).parent / "e2e", Path(__file__).parent / "bundles" / "test_release.py")
+
+
+def _needs_node(item) -> bool:
+    return any(p == item.path or p in item.path.parents for p in _NODE_PATHS)
+
+
+def pytest_collection_modifyitems(config, items):
+    grouped = [i for i in items if _needs_node(i)]
+    for i in grouped:
+        i.add_marker(pytest.mark.xdist_group(NODE_GROUP))
+    items[:] = grouped + [i for i in items if not _needs_node(i)]
+
+
 @pytest.fixture(scope="session")
 def registry(workdir):
     r = Registry(workdir / "registry").start()
