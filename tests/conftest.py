@@ -80,20 +80,23 @@ def make_host(host_farm):
 # `make test` runs the suite on two pytest-xdist workers (``--dist loadgroup``). Tests
 # that need the e2e node, or build mpc's images as `make release` does, form one group:
 # one worker runs them in turn on one node (and builds the images once, not twice at the
-# same time), the other worker takes the rest. The group goes first: it is the long pole.
+# same time), the other worker takes the rest. xdist's own grouping reads `xdist_group`
+# marks through ``item._nodeid``, which pytest 9.2 no longer has; the group is therefore
+# drawn from the test's path here. xdist starts the biggest group first: the long pole.
 NODE_GROUP = "e2e-node"
-_NODE_PATHS = (Path(__file__).parent / "e2e", Path(__file__).parent / "bundles" / "test_release.py")
+_NODE_PATHS = ("tests/e2e/", "tests/bundles/test_release.py::")
 
 
-def _needs_node(item) -> bool:
-    return any(p == item.path or p in item.path.parents for p in _NODE_PATHS)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
 
+    class NodeGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return NODE_GROUP if nodeid.startswith(_NODE_PATHS) else nodeid
 
-def pytest_collection_modifyitems(config, items):
-    grouped = [i for i in items if _needs_node(i)]
-    for i in grouped:
-        i.add_marker(pytest.mark.xdist_group(NODE_GROUP))
-    items[:] = grouped + [i for i in items if not _needs_node(i)]
+    return NodeGroupScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
