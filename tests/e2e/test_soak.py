@@ -3,7 +3,7 @@
 mpc is installed as released (the session fixture ``mpc``: ``make release``, the
 watcher Deployment as shipped, the Pipelines from their bundles). Three SSH hosts
 of their own (concurrency 2, 2, 1) are added to the pool under platform
-``linux/amd64``. N builds (``MPC_SOAK_BUILDS``: 24 in ``make test``, about ten
+``linux/amd64``. N builds (``MPC_SOAK_BUILDS``: 12 in ``make test``, about three
 minutes on 2 cores; ``make soak`` runs 500) are started in waves of ``MPC_SOAK_WAVE``. A build is a TaskRun of a
 tiny Task the watcher recognises as a build (a PLATFORM param, the secret
 ``multi-platform-ssh-<name>`` mounted): it ssh-es to the host its secret names,
@@ -62,9 +62,9 @@ from .install import NS, PREPARE_HOST, Install, wait_for, watcher_flag
 
 pytestmark = pytest.mark.e2e
 
-BUILDS = int(os.environ.get("MPC_SOAK_BUILDS", "24"))
+BUILDS = int(os.environ.get("MPC_SOAK_BUILDS", "12"))
 SEED = int(os.environ.get("MPC_SOAK_SEED") or random.SystemRandom().randrange(1 << 31))
-WAVE = int(os.environ.get("MPC_SOAK_WAVE", "8"))
+WAVE = int(os.environ.get("MPC_SOAK_WAVE", "6"))
 # make test: 20 s (a few minutes in all); the 30-60 s in make soak
 HOST_DOWN = os.environ.get("MPC_SOAK_HOST_DOWN", "20" if BUILDS < 100 else "")
 SWEEP = os.environ.get("MPC_SOAK_SWEEP", "60s")
