@@ -165,22 +165,11 @@ class Records:
         body: dict = {"metadata": meta}
         if renew or state:
             body["spec"] = {"renewTime": _ts(now())}
-        try:
-            return _vm(self.kube.leases.patch_namespaced_lease(vm.name, self.namespace, body))
-        except client.ApiException as e:
-            if e.status in (404, 409):
-                raise Conflict(vm.name) from None
-            raise
+        return self._patch(vm, body)
 
     def renew(self, vm: VM) -> VM:
         """Say the provisioner working on ``vm`` is alive (unconditional but for the uid)."""
-        body = {"metadata": {"uid": vm.uid}, "spec": {"renewTime": _ts(now())}}
-        try:
-            return _vm(self.kube.leases.patch_namespaced_lease(vm.name, self.namespace, body))
-        except client.ApiException as e:
-            if e.status in (404, 409):
-                raise Conflict(vm.name) from None
-            raise
+        return self._patch(vm, {"metadata": {"uid": vm.uid}, "spec": {"renewTime": _ts(now())}})
 
     def fence(self, vm: VM) -> VM:
         """Renew ``vm`` only while it is this incarnation and still launching, else
@@ -193,11 +182,15 @@ class Records:
         body = [{"op": "test", "path": "/metadata/uid", "value": vm.uid},
                 {"op": "test", "path": f"/metadata/labels/{label}", "value": LAUNCHING},
                 {"op": "replace", "path": "/spec/renewTime", "value": _ts(now())}]
+        return self._patch(vm, body, gone=(404, 409, 422), why="no longer launching this VM")
+
+    def _patch(self, vm: VM, body, gone: tuple[int, ...] = (404, 409), why: str = "") -> VM:
+        """Patch ``vm``'s record; an answer in ``gone`` (it changed or went) is ``Conflict``."""
         try:
             return _vm(self.kube.leases.patch_namespaced_lease(vm.name, self.namespace, body))
         except client.ApiException as e:
-            if e.status in (404, 409, 422):
-                raise Conflict(f"{vm.name}: no longer launching this VM ({e.status})") from None
+            if e.status in gone:
+                raise Conflict(f"{vm.name}: {why} ({e.status})" if why else vm.name) from None
             raise
 
     def delete(self, vm: VM) -> None:
