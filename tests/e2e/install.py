@@ -172,6 +172,21 @@ def release_docs(install: Path) -> list[dict]:
     return docs
 
 
+# How every e2e build step's script starts: an error secret fails the step with its
+# message; else the key is installed, ``host`` read from the secret and ``ssh_opts`` set
+# to pin the host key the secret carries. Each test's script goes on from there.
+BUILD_PREAMBLE = r"""#!/bin/bash
+set -euo pipefail
+if [ -f /ssh/error ]; then
+  printf 'mpc-error: %s\n' "$(cat /ssh/error)"
+  exit 1
+fi
+install -m 0600 /ssh/id_rsa /tmp/key
+host="$(cat /ssh/host)"
+ssh_opts=(-i /tmp/key -o UserKnownHostsFile=/ssh/known_hosts -o StrictHostKeyChecking=yes
+          -o BatchMode=yes -o ConnectTimeout=15)
+"""
+
 PREPARE_HOST = f"""\
 set -e
 # the node's registry speaks plain HTTP (RFC 1918 address): the build user's podman pulls from it

@@ -27,8 +27,8 @@ from mpc.runner.kube import Kube
 from mpc.runner.vms import READY, Records
 
 from .cloud import cloud_in_node
-from .install import NS, TIMEOUT, _co, _cond, _ts, get, secret_exists, step_log, wait_done, \
-    wait_for, watcher_flag
+from .install import BUILD_PREAMBLE, NS, TIMEOUT, _co, _cond, _ts, get, secret_exists, \
+    step_log, wait_done, wait_for, watcher_flag
 from .test_mpc_e2e import Recorder
 
 pytestmark = pytest.mark.e2e
@@ -39,15 +39,7 @@ SWEEP = "30s"               # the watcher's sweep interval while the test runs (
 INSTANCE_TAG = f"mpc-e2e-{uuid.uuid4().hex[:6]}"
 VM_ROLES = (c.ROLE_VM, c.ROLE_VM_BUILD, c.ROLE_VM_NAMESPACE, c.ROLE_VM_STATS)
 
-BUILD_SCRIPT = r"""#!/bin/bash
-set -euo pipefail
-if [ -f /ssh/error ]; then
-  printf 'mpc-error: %s\n' "$(cat /ssh/error)"
-  exit 1
-fi
-install -m 0600 /ssh/id_rsa /tmp/key
-exec ssh -i /tmp/key -o UserKnownHostsFile=/ssh/known_hosts -o StrictHostKeyChecking=yes \
-  -o BatchMode=yes -o ConnectTimeout=15 "$(cat /ssh/host)" \
+BUILD_SCRIPT = BUILD_PREAMBLE + r"""exec ssh "${ssh_opts[@]}" "$host" \
   'echo "dyn-ok on $(cat /etc/hostname) as $(id -un)"'
 """
 

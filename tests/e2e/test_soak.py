@@ -58,7 +58,7 @@ from mpc.runner import hostpool
 
 from . import faults
 from . import hosts as e2e_hosts
-from .install import NS, PREPARE_HOST, Install, wait_for, watcher_flag
+from .install import BUILD_PREAMBLE, NS, PREPARE_HOST, Install, wait_for, watcher_flag
 
 pytestmark = pytest.mark.e2e
 
@@ -80,15 +80,7 @@ tar -C / -chf - usr/bin/sleep lib/x86_64-linux-gnu/libc.so.6 lib64/ld-linux-x86-
 podman run -d --network none localhost/sleeper:1 /usr/bin/sleep 3603 >/dev/null
 """
 
-BUILD_SCRIPT = r"""#!/bin/bash
-set -uo pipefail
-if [ -f /ssh/error ]; then
-  printf 'mpc-error: %s\n' "$(cat /ssh/error)"
-  exit 1
-fi
-install -m 0600 /ssh/id_rsa /tmp/key
-host="$(cat /ssh/host)"
-printf 'soak: building on %s\n' "$host"
+BUILD_SCRIPT = BUILD_PREAMBLE + r"""printf 'soak: building on %s\n' "$host"
 remote="set -e
 cd $(cat /ssh/user-dir)
 echo $BUILD > mpc-soak
@@ -96,9 +88,8 @@ setsid sleep 3601 </dev/null >/dev/null 2>&1 &
 if [ $CONTAINER = 1 ]; then $(cat /soak/sleeper); fi
 sleep $SLEEP
 echo soak-ok $BUILD"
-ssh -i /tmp/key -o UserKnownHostsFile=/ssh/known_hosts -o StrictHostKeyChecking=yes \
-  -o BatchMode=yes -o ConnectTimeout=15 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 \
-  "$host" "$remote" | tee "$RESULT_OK"
+ssh "${ssh_opts[@]}" -o ServerAliveInterval=5 -o ServerAliveCountMax=3 "$host" "$remote" \
+  | tee "$RESULT_OK"
 """
 
 

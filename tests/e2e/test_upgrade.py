@@ -36,8 +36,8 @@ from kubernetes import client
 
 from mpc.runner import contract as c
 
-from .install import (NS, PLATFORM, TIMEOUT, Install, _co, _cond, _release, get, release_docs,
-                      rolled_out, step_log, wait_done, wait_for)
+from .install import (BUILD_PREAMBLE, NS, PLATFORM, TIMEOUT, Install, _co, _cond, _release, get,
+                      release_docs, rolled_out, step_log, wait_done, wait_for)
 from .test_mpc_e2e import Recorder
 
 pytestmark = pytest.mark.e2e
@@ -46,24 +46,14 @@ VERSION_B = "e2e-next"
 GATE = "/tmp/mpc-upgrade-gate"      # on each host: the running builds finish once it exists
 BUILDS = ("run-1", "run-2", "wait", "new")
 
-BUILD_SCRIPT = r"""#!/bin/bash
-set -euo pipefail
-if [ -f /ssh/error ]; then
-  printf 'mpc-error: %s\n' "$(cat /ssh/error)"
-  exit 1
-fi
-install -m 0600 /ssh/id_rsa /tmp/key
-host="$(cat /ssh/host)"
-printf 'upgrade: building on %s\n' "$host"
+BUILD_SCRIPT = BUILD_PREAMBLE + r"""printf 'upgrade: building on %s\n' "$host"
 remote="set -e
 cd $(cat /ssh/user-dir)
 echo $BUILD > upgrade-running
 i=0
 while [ ! -e $GATE ]; do i=\$((i + 1)); [ \$i -lt 3600 ] || exit 3; sleep 0.5; done
 echo upgrade-ok $BUILD as \$(id -un)"
-exec ssh -i /tmp/key -o UserKnownHostsFile=/ssh/known_hosts -o StrictHostKeyChecking=yes \
-  -o BatchMode=yes -o ConnectTimeout=15 -o ServerAliveInterval=5 -o ServerAliveCountMax=12 \
-  "$host" "$remote"
+exec ssh "${ssh_opts[@]}" -o ServerAliveInterval=5 -o ServerAliveCountMax=12 "$host" "$remote"
 """
 
 
