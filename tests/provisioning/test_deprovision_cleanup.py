@@ -26,8 +26,8 @@ from tests.infra.procs import wait_for
 
 from .conftest import make_taskrun, read_secret
 
-# The build step blocks, as a build that is cancelled while it runs.
-HANG = """\
+# A Task whose build step (image, then script lines) blocks, as a build cancelled while it runs.
+HANG_TASK = """\
 apiVersion: tekton.dev/v1
 kind: Task
 metadata:
@@ -42,9 +42,14 @@ spec:
       script: |
         #!/bin/bash
         set -euo pipefail
-        touch started
-        sleep 3602
-""" % STEP_IMAGE
+%s"""
+
+
+def hang_task(image: str, *lines: str) -> str:
+    return HANG_TASK % (image, "".join(f"        {ln}\n" for ln in lines))
+
+
+HANG = hang_task(STEP_IMAGE, "touch started", "sleep 3602")
 
 # A tiny image made on the host (offline): sleep and its libraries, USER 1000. In
 # a storage of its own: the default one is the broken one (see below).
@@ -135,25 +140,9 @@ chown {user}: "$d/storage.conf"
 
 # A host-mode build (as root on the host) that leaves a detached root process
 # behind and then blocks; %(mark)s tells the builds apart on the host.
-HOST_HANG = """\
-apiVersion: tekton.dev/v1
-kind: Task
-metadata:
-  name: hang
-spec:
-  workspaces:
-    - name: source
-  steps:
-    - name: build
-      image: localhost/not-pulled:1
-      workingDir: $(workspaces.source.path)
-      script: |
-        #!/bin/bash
-        set -euo pipefail
-        setsid sleep %(mark)s1 </dev/null >/dev/null 2>&1 &
-        touch started
-        sleep %(mark)s2
-"""
+HOST_HANG = hang_task("localhost/not-pulled:1",
+                      "setsid sleep %(mark)s1 </dev/null >/dev/null 2>&1 &",
+                      "touch started", "sleep %(mark)s2")
 
 
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
