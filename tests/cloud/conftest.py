@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import subprocess
 from dataclasses import dataclass
 
@@ -15,9 +14,9 @@ from kubernetes import client, config
 from mpc.runner import contract
 from mpc.runner.kube import Kube
 from mpc.runner.provision import Request
-from tests.infra.ec2 import CREDS, REGION, Ec2Proxy, Hypervisor, MotoServer
+from tests.infra.ec2 import CREDS, REGION, Ec2Proxy, Hypervisor, MotoServer, moto_world
 from tests.infra.ec2 import client as ec2_client
-from tests.infra.sshhosts import HostFarm, keypair
+from tests.infra.sshhosts import HostFarm
 from tests.provisioning.conftest import controller, make_taskrun  # noqa: F401 - fixtures
 
 PLATFORM = "linux/arm64"
@@ -91,13 +90,7 @@ class Cloud:
 @pytest.fixture
 def cloud(moto, cloud_farm, controller):
     moto.reset()
-    ec2 = ec2_client(moto.url)
-    vpc = ec2.create_vpc(CidrBlock=f"{cloud_farm.SUBNET}.0/24")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=f"{cloud_farm.SUBNET}.0/25")["Subnet"]["SubnetId"]
-    ami = next(i["ImageId"] for i in ec2.describe_images()["Images"]
-               if re.fullmatch(r"ami-[0-9a-f]{8,17}", i["ImageId"]))
-    admin_priv, admin_pub = keypair()
-    ec2.import_key_pair(KeyName="mpc-test", PublicKeyMaterial=admin_pub.encode())
+    subnet, ami, admin_priv = moto_world(ec2_client(moto.url), cloud_farm.SUBNET, "mpc-test")
     core = client.CoreV1Api(controller.kube)
     for name, data in (("vm-admin", {"id_rsa": admin_priv}), ("aws-creds", CREDS)):
         core.create_namespaced_secret(controller.namespace, client.V1Secret(

@@ -20,7 +20,6 @@ they reach the e2e hosts, and nothing else does.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -28,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.infra.ec2 import Hypervisor, MotoServer, client
+from tests.infra.ec2 import Hypervisor, MotoServer, client, moto_world
 from tests.infra.paths import REPO
 from tests.infra.pki import PKI
 from tests.infra.procs import free_port, wait_for
-from tests.infra.sshhosts import HostFarm, keypair
+from tests.infra.sshhosts import HostFarm
 
 from .hosts import move_into_node
 from .node import NODE_IP, Node
@@ -80,13 +79,7 @@ def cloud_in_node(node: Node, host_farm: HostFarm, work: Path) -> Iterator[NodeC
     hv = None
     try:
         moto.start()
-        ec2 = client(moto.url, moto.ca)
-        vpc = ec2.create_vpc(CidrBlock=f"{farm.SUBNET}.0/24")["Vpc"]["VpcId"]
-        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=f"{farm.SUBNET}.0/25")["Subnet"]["SubnetId"]
-        ami = next(i["ImageId"] for i in ec2.describe_images()["Images"]
-                   if re.fullmatch(r"ami-[0-9a-f]{8,17}", i["ImageId"]))
-        admin_priv, admin_pub = keypair()
-        ec2.import_key_pair(KeyName="mpc-e2e", PublicKeyMaterial=admin_pub.encode())
+        subnet, ami, admin_priv = moto_world(client(moto.url, moto.ca), farm.SUBNET, "mpc-e2e")
         hv = Hypervisor(moto.url, farm, ca=moto.ca, place=lambda h: move_into_node(h, node)).start()
         yield NodeCloud(moto, hv, farm, f"https://{NODE_IP}:{moto.port}",
                         pki.ca_crt.read_text(), subnet, ami, "mpc-e2e", admin_priv)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import re
 import ssl
 import subprocess
 import threading
@@ -102,6 +103,19 @@ def client(url: str, verify: str | None = None):
     return boto3.client("ec2", region_name=REGION, endpoint_url=url, verify=verify,
                         aws_access_key_id=CREDS["access-key-id"],
                         aws_secret_access_key=CREDS["secret-access-key"])
+
+
+def moto_world(ec2, subnet: str, key_name: str) -> tuple[str, str, str]:
+    """In a fresh moto: a VPC and a subnet over the host farm's ``subnet`` (a.b.c), the
+    first of moto's AMIs, and key pair ``key_name`` for a new admin key.
+    Returns (subnet id, AMI id, the admin's private key)."""
+    vpc = ec2.create_vpc(CidrBlock=f"{subnet}.0/24")["Vpc"]["VpcId"]
+    subnet_id = ec2.create_subnet(VpcId=vpc, CidrBlock=f"{subnet}.0/25")["Subnet"]["SubnetId"]
+    ami = next(i["ImageId"] for i in ec2.describe_images()["Images"]
+               if re.fullmatch(r"ami-[0-9a-f]{8,17}", i["ImageId"]))
+    admin_priv, admin_pub = keypair()
+    ec2.import_key_pair(KeyName=key_name, PublicKeyMaterial=admin_pub.encode())
+    return subnet_id, ami, admin_priv
 
 
 THROTTLED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
