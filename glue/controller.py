@@ -20,12 +20,13 @@ import threading
 import time
 
 from mpc.runner import contract as c
+from mpc.runner import kube as k
 from mpc.runner import vms
+from mpc.runner.kube import ApiError, Kube
 
-from . import detect, gc, kube as k, objects
+from . import detect, gc, objects
 from .config import Config
 from .informer import Reflector
-from .kube import ApiError, Kube
 from .metrics import Metrics
 from .poolreader import PoolReader
 from .reconcile import Reconciler

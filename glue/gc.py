@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import time
 
-from . import kube as k, objects
+from mpc.runner import kube as k
+from mpc.runner.kube import Kube
+
+from . import objects
 from .config import Config
-from .kube import Kube
 from .metrics import Metrics
 from .reconcile import Reconciler
 from .store import Store

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Callable
 
-from .kube import ApiError, Kube
+from mpc.runner.kube import ApiError, Kube
 
 log = logging.getLogger("mpc.glue.informer")
 

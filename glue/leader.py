@@ -27,7 +27,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from .kube import ApiError, Kube
+from mpc.runner.kube import ApiError, Kube
 
 log = logging.getLogger("mpc.glue")
 

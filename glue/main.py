@@ -8,9 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mpc.runner.kube import Kube
+
 from . import config, logs
 from .controller import Controller
-from .kube import Kube, load_api_client
 from .leader import LeaderElector
 
 log = logging.getLogger("mpc.glue")
@@ -50,7 +51,7 @@ def serve(ctrl: Controller, address: str, port: int) -> ThreadingHTTPServer:
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(argv)
     logs.setup(cfg.log_level)
-    kube = Kube(load_api_client(cfg.kubeconfig))
+    kube = Kube.connect(cfg.kubeconfig)
     ctrl = Controller(kube, cfg)
     srv = serve(ctrl, cfg.metrics_address, cfg.metrics_port)
     log.info("starting", extra={"fields": {

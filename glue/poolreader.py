@@ -12,9 +12,8 @@ import time
 
 from mpc.runner import contract as c
 from mpc.runner import hostpool
-
-from . import kube as k
-from .kube import Kube
+from mpc.runner import kube as k
+from mpc.runner.kube import Kube
 
 
 class PoolReader:

@@ -28,10 +28,11 @@ import time
 
 from mpc.runner import contract as c
 from mpc.runner import hostpool
+from mpc.runner import kube as k
+from mpc.runner.kube import ApiError, Kube
 
-from . import capacity, kube as k, objects
+from . import capacity, objects
 from .config import Config
-from .kube import ApiError, Kube
 from .metrics import Metrics
 from .poolreader import PoolReader
 from .store import Build, Run, Store

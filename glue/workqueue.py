@@ -106,7 +106,3 @@ class WorkQueue:
     def __len__(self) -> int:
         with self._cv:
             return len(self._queue) + len(self._delayed)
-
-    def idle(self) -> bool:
-        with self._cv:
-            return not self._queue and not self._processing and not self._dirty

@@ -54,7 +54,6 @@ from .hostpool import Host, PoolError, from_document
 from .kube import Kube
 
 WAITER_LEASE_SECONDS = 30
-WAITER_STALE_SECONDS = WAITER_LEASE_SECONDS
 ALIVE_CHECK_SECONDS = 3
 
 
@@ -289,12 +288,6 @@ class Slots:
     def held_by(self, uid: str) -> list[Slot]:
         sel = f"{contract.LABEL_ROLE}=slot,{contract.LABEL_TASKRUN_UID}={uid}"
         return [_slot_from_lease(lease) for lease in self._list(sel)]
-
-    def usage(self) -> dict[str, set[int]]:
-        used: dict[str, set[int]] = {}
-        for s in self.all():
-            used.setdefault(s.host, set()).add(s.index)
-        return used
 
     def try_take(self, host: Host, index: int, holder: Holder) -> Slot | None:
         """Create slot ``index`` of ``host`` for ``holder``; None if someone else holds it."""

@@ -6,7 +6,7 @@ makes for a build its pool admits: the finalizer JSON patch guarded by
 resourceVersion, the provisioning PipelineRun, the ProvisioningStarted Event. No
 cache, no queue, no decisions: the time this takes is what the API server and an
 HTTP client cost. Bodies and the HTTP layer are the watcher's own (mpc.glue.objects,
-mpc.glue.kube), so only the machinery between them differs.
+mpc.runner.kube), so only the machinery between them differs.
 
 Run as a process, like the watcher: ``python -m tests.bench.glue_floor --kubeconfig K
 --namespace NS --controller-namespace CTRL --workers 8``; it prints "ready" once
@@ -20,9 +20,10 @@ import signal
 import sys
 import threading
 
-from mpc.glue import kube as k, objects
-from mpc.glue.kube import ApiError, Kube, load_api_client
+from mpc.glue import objects
 from mpc.runner import contract as c
+from mpc.runner import kube as k
+from mpc.runner.kube import ApiError, Kube
 
 
 def main() -> int:
@@ -33,7 +34,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--platform", default="linux/arm64")
     a = ap.parse_args()
-    kube = Kube(load_api_client(a.kubeconfig))
+    kube = Kube.connect(a.kubeconfig)
     work: queue.Queue = queue.Queue()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,5 +1,5 @@
-"""Does glue/kube.py earn its place? Client-side CPU of reading the same 1,000 TaskRuns as
-LIST pages and as a watch, through glue/kube.py and through the official client's
+"""Do the JSON verbs of mpc.runner.kube earn their place? Client-side CPU of reading the same
+1,000 TaskRuns as LIST pages and as a watch, through those verbs and through the official client's
 CustomObjectsApi (and its watch.Watch). Prints figures (best of 3); asserts only that
 both saw every object."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 from kubernetes import client, watch
 
-from mpc.glue import kube as k
+from mpc.runner import kube as k
 
 from .glue_support import create_many, new_namespace, release, unrelated_taskrun
 
@@ -67,8 +67,8 @@ def test_decode_cost_glue_kube_vs_official_client(cluster, kube):
             return n
 
         figures = {name: _cpu(fn) for name, fn in [
-            ("LIST, glue/kube.py", glue_list), ("LIST, CustomObjectsApi", official_list),
-            ("WATCH, glue/kube.py", glue_watch),
+            ("LIST, JSON verbs", glue_list), ("LIST, CustomObjectsApi", official_list),
+            ("WATCH, JSON verbs", glue_watch),
             ("WATCH, CustomObjectsApi + watch.Watch", official_watch)]}
         print(f"\n[glue bench: client CPU to read {N} TaskRuns (~{len(str(unrelated_taskrun('x')))}"
               f" B each), best of 3]")
@@ -76,9 +76,9 @@ def test_decode_cost_glue_kube_vs_official_client(cluster, kube):
             print(f"  {name}: {cpu * 1000:.0f} ms CPU ({cpu / n * 1e6:.0f} us per object)")
             assert n == N
         for verb in ("LIST", "WATCH"):
-            mine = figures[f"{verb}, glue/kube.py"][0]
+            mine = figures[f"{verb}, JSON verbs"][0]
             theirs = next(v[0] for name, v in figures.items()
-                          if name.startswith(verb) and "glue" not in name)
-            print(f"  {verb}: the official client costs {theirs / mine:.2f}x glue/kube.py")
+                          if name.startswith(verb) and "JSON verbs" not in name)
+            print(f"  {verb}: the official client costs {theirs / mine:.2f}x the JSON verbs")
     finally:
         release(kube, ns)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 
-from mpc.glue import kube as k
 from mpc.glue import objects
+from mpc.runner import kube as k
 
 
 def test_stale_finalizer_patch_is_a_conflict_and_a_bad_patch_is_not(kube, namespace):
