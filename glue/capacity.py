@@ -55,29 +55,24 @@ def waiting(b: Build, runs: dict) -> bool:
 def decide(pool: hostpool.Pool | None, store: Store, uid: str, now: float) -> Decision:
     """May build ``uid`` (which holds our finalizer and has no provisioning run) start now?
 
-    One pass over the cached builds (no sort, no list): this runs for every admission.
+    The store's admission index gives the platform's waiting and in-flight builds
+    without a scan; when there is room for every waiting build (a burst), no order is
+    needed at all. Only a full platform counts the builds ahead, among its waiters.
     """
     b = store.build(uid)
     if (b is None or pool is None or not b.platform or b.platform in pool.local_platforms
             or not pool.hosts_for(b.platform) or not pool.namespace_allowed(b.namespace)):
         return Decision(ADMIT)      # the provisioning run answers at once (host or error)
     free = free_slots(pool, b.platform, store)
-    me = (b.created, uid)
-    position = queued = in_flight = 0
     with store.lock:
-        holders = {s.holder_uid for s in store.slots.values()}
-        runs = store.runs
-        for o in store.builds.values():
-            if o.platform != b.platform or not o.ours or o.finished:
-                continue
-            run = runs.get(o.provision_run)
-            if run is None:
-                if o.failed_run not in runs:
-                    queued += 1
-                    position += (o.created, o.uid) < me
-            elif run.succeeded is None and o.uid not in holders:
-                in_flight += 1
-    if position < free - in_flight:
+        waiters, in_flight = store.admission_sets(b.platform)
+        queued, room = len(waiters), free - len(in_flight)
+        if queued <= room:
+            return Decision(ADMIT, 0, queued, free)
+        me = (b.created, uid)
+        builds = store.builds
+        position = sum(1 for o in waiters if (builds[o].created, o) < me)
+    if position < room:
         return Decision(ADMIT, position, queued, free)
     left = ((parse_time(b.created) or 0.0) + pool.max_wait_seconds - now) if b.created else 1e9
     if left <= 0:

@@ -14,6 +14,13 @@ Three kinds of objects are kept, each as a small view of the object:
 
 Write responses are stored like watch events, and a view never goes back to an
 older resourceVersion, so a decision made right after our own write sees it.
+
+For admission (``capacity.decide``) the store also keeps, per platform, which builds
+are *waiting* (hold our finalizer, unfinished, no provisioning run nor its answer)
+and which are *in flight* (a provisioning run still running that holds no slot
+yet). Every change to a build, a run or a slot re-classifies the one build it
+concerns (``_classify``), so an admission counts them in O(1) instead of scanning
+every cached build: a burst of N builds cost O(N^2) before.
 """
 from __future__ import annotations
 
@@ -104,6 +111,9 @@ class SlotLease:
     holder_uid: str
 
 
+WAITING, IN_FLIGHT = "waiting", "in-flight"
+
+
 class Store:
     def __init__(self, cancel_annotation: str):
         self.lock = threading.RLock()
@@ -113,6 +123,36 @@ class Store:
         self.vm_leases: dict[str, dict] = {}    # dynamic hosts' Leases, as the API gave them
         self._cancel_ann = cancel_annotation
         self._listing: dict[str, set] = {}
+        self._holders: dict[str, int] = {}      # build uid -> slot Leases it holds
+        self._class: dict[str, tuple] = {}      # build uid -> (platform, WAITING|IN_FLIGHT)
+        self._by_class: dict[tuple, set] = {}   # (platform, class) -> build uids
+
+    # --- the admission index ------------------------------------------------------
+    def _classify(self, uid: str) -> None:
+        """Put build ``uid`` in the one index set its cached state says (or in none)."""
+        b = self.builds.get(uid)
+        new = None
+        if b is not None and b.platform and b.ours and not b.finished:
+            run = self.runs.get(b.provision_run)
+            if run is None:
+                if b.failed_run not in self.runs:
+                    new = (b.platform, WAITING)
+            elif run.succeeded is None and not self._holders.get(uid):
+                new = (b.platform, IN_FLIGHT)
+        old = self._class.get(uid)
+        if old == new:
+            return
+        if old is not None:
+            self._by_class[old].discard(uid)
+            del self._class[uid]
+        if new is not None:
+            self._by_class.setdefault(new, set()).add(uid)
+            self._class[uid] = new
+
+    def admission_sets(self, platform: str) -> tuple[set, set]:
+        """(waiting, in flight) build uids of ``platform``; read them under ``lock``."""
+        return (self._by_class.get((platform, WAITING), set()),
+                self._by_class.get((platform, IN_FLIGHT), set()))
 
     # --- builds -------------------------------------------------------------------
     def put_taskrun(self, tr: dict, platform: str | None, now: float) -> Build:
@@ -132,6 +172,7 @@ class Store:
             b.done = detect.is_done(tr)
             b.gone = False
             self._seen("builds", b.uid)
+            self._classify(b.uid)
             return b
 
     def build(self, uid: str) -> Build | None:
@@ -143,11 +184,13 @@ class Store:
             b = self.builds.get(uid)
             if b is not None:
                 b.gone = True
+                self._classify(uid)
             return b
 
     def forget(self, uid: str) -> None:
         with self.lock:
             self.builds.pop(uid, None)
+            self._classify(uid)
 
     # --- runs -------------------------------------------------------------------
     def put_run(self, obj: dict) -> Run | None:
@@ -170,6 +213,9 @@ class Store:
                 return old
             self.runs[run.name] = run
             self._seen("runs", run.name)
+            self._classify(run.build_uid)
+            if old is not None and old.build_uid != run.build_uid:
+                self._classify(old.build_uid)
         return run
 
     def run(self, name: str) -> Run | None:
@@ -183,6 +229,7 @@ class Store:
             run = self.runs.get(name)
             if run is not None and (uid is None or run.uid == uid):
                 del self.runs[name]
+                self._classify(run.build_uid)
 
     # --- slots -------------------------------------------------------------------
     def put_slot(self, lease: dict) -> SlotLease:
@@ -190,13 +237,28 @@ class Store:
         labels = md.get("labels") or {}
         s = SlotLease(labels.get(c.LABEL_HOST, ""), labels.get(c.LABEL_TASKRUN_UID, ""))
         with self.lock:
+            self._unhold(self.slots.get(md.get("name", "")))
             self.slots[md.get("name", "")] = s
+            self._holders[s.holder_uid] = self._holders.get(s.holder_uid, 0) + 1
+            self._classify(s.holder_uid)
             self._seen("slots", md.get("name", ""))
         return s
 
     def drop_slot(self, name: str) -> SlotLease | None:
         with self.lock:
-            return self.slots.pop(name, None)
+            s = self.slots.pop(name, None)
+            self._unhold(s)
+            return s
+
+    def _unhold(self, s: SlotLease | None) -> None:
+        if s is None:
+            return
+        n = self._holders.get(s.holder_uid, 0) - 1
+        if n > 0:
+            self._holders[s.holder_uid] = n
+        else:
+            self._holders.pop(s.holder_uid, None)
+        self._classify(s.holder_uid)
 
     # --- dynamic hosts' Leases (records, places, stats, waiters): for the metrics ------
     def put_vm_lease(self, lease: dict) -> None:
@@ -228,6 +290,11 @@ class Store:
             for k in missing:
                 if kind == "builds":
                     table[k].gone = True
+                    self._classify(k)
+                elif kind == "slots":
+                    self._unhold(table.pop(k))
                 else:
-                    del table[k]
+                    v = table.pop(k)
+                    if kind == "runs":
+                        self._classify(v.build_uid)
             return missing

@@ -121,8 +121,10 @@ def watcher_then_floor(cluster, kube, workdir, label: str) -> None:
         fl.stop()
     print(f"[glue bench: {label}]")
     compare(wf, ff)
-    release(kube, ns)
-    release(kube, fns)
+    # gone before the next watcher starts: a build of a namespace still terminating is a
+    # build to it (it provisioned the first burst's 1,000 again, and counted their CPU)
+    release(kube, ns, wait=True)
+    release(kube, fns, wait=True)
 
 
 @pytest.mark.bench
