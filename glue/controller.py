@@ -55,7 +55,7 @@ class Controller:
 
     # --- lifecycle ----------------------------------------------------------------
     def _reflect(self, name: str, path: str, handler, kind: str, owns=lambda view: True,
-                 selector: str | None = None) -> None:
+                 selector: str | None = None, wanted=None) -> None:
         def on_list(phase: str, _name: str) -> None:
             if phase == "start":
                 self.store.list_started(kind, name)
@@ -72,12 +72,12 @@ class Controller:
         self.reflectors.append(Reflector(
             self.kube, name, path, handler, on_list=on_list, label_selector=selector,
             page_size=self.cfg.page_size, watch_timeout=self.cfg.watch_timeout,
-            resync_period=self.cfg.resync_period, on_error=self._count_error))
+            resync_period=self.cfg.resync_period, on_error=self._count_error, wanted=wanted))
 
     def start(self) -> "Controller":
         for wns in self.cfg.watch_namespaces or [None]:
             self._reflect(f"taskruns{'/' + wns if wns else ''}", k.taskruns(wns),
-                          self.on_taskrun, "builds",
+                          self.on_taskrun, "builds", wanted=detect.may_be_build,
                           owns=lambda b, wns=wns: wns is None or b.namespace == wns)
         sweep = objects.ROLE_SWEEP
         self._reflect("pipelineruns", k.pipelineruns(self.ns), self.on_run, "runs",
@@ -140,14 +140,17 @@ class Controller:
             if self.store.mark_gone(uid) is not None:
                 self.queue.add(uid)
             return
+        known = self.store.build(uid)
         ours = detect.has_finalizer(tr)
-        if not ours and self.store.build(uid) is None and (detect.is_done(tr) or detect.deleting(tr)):
+        if not ours and known is None and (detect.is_done(tr) or detect.deleting(tr)):
             return  # a finished build without our finalizer is left alone
         platform = detect.build_platform(tr)
-        if platform is None and not ours and self.store.build(uid) is None:
+        if platform is None and not ours and known is None:
             return  # not a build: the common case, nothing stored
-        self.store.put_taskrun(tr, platform, time.time())
-        self.queue.add(uid)
+        before = known.view() if known is not None else None
+        if self.store.put_taskrun(tr, platform, time.time()).view() != before:
+            self.queue.add(uid)     # else nothing a decision reads changed: Tekton's status
+                                    # updates, the echo of our own write stored from its answer
 
     def on_run(self, etype: str, obj: dict) -> None:
         self.metrics.watch_events.labels("pipelinerun").inc()
@@ -157,9 +160,10 @@ class Controller:
             with self.store.lock:
                 self.counted.discard(name)
             return
+        old = self.store.run(name)
         run = self.store.put_run(obj)
-        if run is None or not run.build_uid:
-            return
+        if run is None or not run.build_uid or run.same_state(old):
+            return      # nothing a decision reads changed (the echo of our own write too)
         if run.succeeded is not None:
             self._count(run, obj)
             if run.role == objects.ROLE_PROVISION:

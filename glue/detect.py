@@ -37,6 +37,21 @@ def mounts_build_secret(tr: dict) -> bool:
     return False
 
 
+_SECRET_PREFIX = c.SECRET_PREFIX.encode()
+_FINALIZER = c.FINALIZER.encode()
+
+
+def may_be_build(raw: bytes) -> bool:
+    """Whether a TaskRun's raw JSON can matter to the watcher, before it is decoded.
+
+    A build mounts a secret named ``multi-platform-ssh-...`` (``mounts_build_secret``):
+    that name is in its spec or its resolved ``status.taskSpec`` in every version from
+    the one detection accepts on; a TaskRun the watcher holds has its finalizer. JSON
+    writes both as they are (no escapes in them). Every other TaskRun of the cluster
+    is passed over undecoded (issue 14, goal 3)."""
+    return _SECRET_PREFIX in raw or _FINALIZER in raw
+
+
 def build_platform(tr: dict) -> str | None:
     """The platform if ``tr`` is a multi-platform build TaskRun, else None.
 

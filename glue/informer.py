@@ -31,7 +31,8 @@ class Reflector:
                  on_list: Callable[[str, str], None] | None = None,
                  label_selector: str | None = None, page_size: int = 100,
                  watch_timeout: int = 300, resync_period: float = 0.0,
-                 on_error: Callable[[str], None] | None = None):
+                 on_error: Callable[[str], None] | None = None,
+                 wanted: Callable[[bytes], bool] | None = None):
         self.kube = kube
         self.name = name
         self.path = path
@@ -42,6 +43,8 @@ class Reflector:
         self.page_size = page_size
         self.watch_timeout = watch_timeout
         self.resync_period = resync_period
+        self.wanted = wanted        # raw watch events it rejects reach the handler as a
+                                    # stub: type and resourceVersion only (Kube.watch)
         self.synced = threading.Event()
         self.heartbeat = time.monotonic()
         self.lists = 0
@@ -118,7 +121,7 @@ class Reflector:
         """Watch from ``rv`` until the stream ends; returns the last resourceVersion."""
         timeout = int(self.watch_timeout * (1 + random.random() * 0.2))
         q = dict(self._query(), resourceVersion=rv)
-        for ev in self.kube.watch(self.path, q, timeout):
+        for ev in self.kube.watch(self.path, q, timeout, self.wanted):
             self.heartbeat = time.monotonic()
             if self._stop.is_set():
                 break

@@ -25,7 +25,7 @@ every cached build: a burst of N builds cost O(N^2) before.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mpc.runner import contract as c
 
@@ -72,6 +72,11 @@ class Build:
         self.provision_run = c.provision_run_name(self.uid)
         self.failed_run = c.provision_failed_run_name(self.uid)
 
+    def view(self) -> tuple:
+        """What a decision reads of the TaskRun (its resourceVersion aside)."""
+        return (self.platform, self.created, self.finalizers, self.deleting, self.done,
+                self.gone)
+
     @property
     def ours(self) -> bool:
         return c.FINALIZER in self.finalizers
@@ -103,6 +108,10 @@ class Run:
     resource_version: int
     unresolved: bool = False             # c.unresolved: failed before it started anything
     attempt: int = 1
+
+    def same_state(self, other: "Run | None") -> bool:
+        """Nothing a decision reads has changed (only the resourceVersion may differ)."""
+        return other is not None and replace(other, resource_version=self.resource_version) == self
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,12 @@ import functools
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from http.client import HTTPException
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import quote
 
 import urllib3
@@ -332,11 +333,17 @@ class Kube:
             if not token:
                 return
 
-    def watch(self, p: str, query: dict, timeout_seconds: int) -> Iterator[dict]:
+    def watch(self, p: str, query: dict, timeout_seconds: int,
+              wanted: Callable[[bytes], bool] | None = None) -> Iterator[dict]:
         """Stream watch events (dicts) until the server closes the stream.
 
         Raises ApiError for an HTTP error at start (410 included) or a broken
         connection; an ``ERROR`` event is yielded as is for the caller to judge.
+
+        ``wanted(line)``, if given, sees each ADDED/MODIFIED/DELETED event as raw bytes
+        first; an event it does not want is not decoded: it is yielded as
+        ``{"type": ..., "object": {"metadata": {"resourceVersion": ...}}}``, all a
+        watch needs to resume from it.
         """
         q = dict(query, watch="true", allowWatchBookmarks="true",
                  timeoutSeconds=timeout_seconds)
@@ -348,14 +355,12 @@ class Kube:
         finished = False
         try:
             for chunk in resp.stream(64 * 1024, decode_content=True):
-                buf += chunk
-                while True:
-                    nl = buf.find(b"\n")
-                    if nl < 0:
-                        break
-                    line, buf = buf[:nl], buf[nl + 1:]
-                    if line.strip():
-                        yield json.loads(line)
+                *lines, buf = (buf + chunk).split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    skip = wanted is not None and _skippable(line, wanted)
+                    yield skip or json.loads(line)
             finished = True
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise ApiError(0, type(e).__name__, {"message": str(e)}) from e
@@ -363,3 +368,22 @@ class Kube:
             if not finished:  # abandoned mid-stream: never hand a half-read socket back
                 resp.close()
             resp.release_conn()
+
+
+# A watch event starts with its type (a struct's first field). Where its object's keys
+# come (a CRD's are sorted: annotations and labels before resourceVersion) does not
+# matter: an event is only left undecoded when the key "resourceVersion" occurs once, so
+# it is the metadata's own (the API server always sets it), never a label's or an
+# annotation's of the same name (then it is decoded as usual).
+_EVENT_HEAD = re.compile(rb'\{"type":"(ADDED|MODIFIED|DELETED)","object":')
+_RV_KEY = b'"resourceVersion":"'
+
+
+def _skippable(line: bytes, wanted: Callable[[bytes], bool]) -> dict | None:
+    """The stub of an event ``wanted`` does not want, else None (decode it)."""
+    head = _EVENT_HEAD.match(line)
+    if head is None or wanted(line) or line.count(_RV_KEY) != 1:
+        return None
+    start = line.index(_RV_KEY) + len(_RV_KEY)
+    rv = line[start:line.index(b'"', start)].decode()
+    return {"type": head.group(1).decode(), "object": {"metadata": {"resourceVersion": rv}}}
