@@ -57,7 +57,7 @@ def decide(pool: hostpool.Pool | None, store: Store, uid: str, now: float) -> De
 
     The store's admission index gives the platform's waiting and in-flight builds
     without a scan; when there is room for every waiting build (a burst), no order is
-    needed at all. Only a full platform counts the builds ahead, among its waiters.
+    needed at all. Only a full platform looks up the build's place in line (a bisection).
     """
     b = store.build(uid)
     if (b is None or pool is None or not b.platform or b.platform in pool.local_platforms
@@ -69,9 +69,7 @@ def decide(pool: hostpool.Pool | None, store: Store, uid: str, now: float) -> De
         queued, room = len(waiters), free - len(in_flight)
         if queued <= room:
             return Decision(ADMIT, 0, queued, free)
-        me = (b.created, uid)
-        builds = store.builds
-        position = sum(1 for o in waiters if (builds[o].created, o) < me)
+        position = store.place_in_line(b.platform, b.created, uid)
     if position < room:
         return Decision(ADMIT, position, queued, free)
     left = ((parse_time(b.created) or 0.0) + pool.max_wait_seconds - now) if b.created else 1e9

@@ -24,6 +24,7 @@ every cached build: a burst of N builds cost O(N^2) before.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -135,6 +136,8 @@ class Store:
         self._holders: dict[str, int] = {}      # build uid -> slot Leases it holds
         self._class: dict[str, tuple] = {}      # build uid -> (platform, WAITING|IN_FLIGHT)
         self._by_class: dict[tuple, set] = {}   # (platform, class) -> build uids
+        self._line: dict[str, list] = {}        # platform -> sorted (created, uid) waiting
+        self._created: dict[str, str] = {}      # waiting build uid -> its key's created
 
     # --- the admission index ------------------------------------------------------
     def _classify(self, uid: str) -> None:
@@ -154,9 +157,21 @@ class Store:
         if old is not None:
             self._by_class[old].discard(uid)
             del self._class[uid]
+            if old[1] == WAITING:
+                line = self._line[old[0]]
+                del line[bisect.bisect_left(line, (self._created[uid], uid))]
+                del self._created[uid]
         if new is not None:
             self._by_class.setdefault(new, set()).add(uid)
             self._class[uid] = new
+            if new[1] == WAITING:
+                self._created[uid] = b.created
+                bisect.insort(self._line.setdefault(new[0], []), (b.created, uid))
+
+    def place_in_line(self, platform: str, created: str, uid: str) -> int:
+        """How many of the platform's waiting builds are older (creationTimestamp, then
+        uid) than build ``uid``: a bisection, not a scan."""
+        return bisect.bisect_left(self._line.get(platform, []), (created, uid))
 
     def admission_sets(self, platform: str) -> tuple[set, set]:
         """(waiting, in flight) build uids of ``platform``; read them under ``lock``."""

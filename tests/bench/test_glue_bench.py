@@ -6,8 +6,8 @@ The pool (ConfigMap mpc-host-pool) has room for every build (4 hosts x 250), so 
 build is admitted at once and costs the watcher three writes: the finalizer patch,
 the provisioning PipelineRun, the ProvisioningStarted Event. The floor
 (``glue_floor.py``) is a bare client making exactly those writes for its own 1,000
-builds with the same number of workers, as a process of its own, after the watcher
-has stopped.
+builds with the same number of workers, as a process of its own, once before and once
+after the watcher (``watcher_then_floor`` says why).
 """
 from __future__ import annotations
 
@@ -105,26 +105,43 @@ def compare(w: dict, fl: dict) -> None:
 
 
 def watcher_then_floor(cluster, kube, workdir, label: str) -> None:
-    ns, ctrl = new_namespace(kube), new_namespace(kube)
-    host_pool(kube, ctrl, hosts=4, concurrency=250)
-    w = Watcher(cluster.kubeconfig, ctrl, [], workdir, "--log-level", "warning",
-                "--workers", str(WORKERS), "--gc-interval", "60s").start().wait_ready(600)
-    try:
-        wf = burst(kube, ns, ctrl, w, f"watcher, {WORKERS} workers")
-    finally:
-        w.stop()
-    fns, fctrl = new_namespace(kube), new_namespace(kube)
-    fl = Floor(cluster.kubeconfig, fns, fctrl, workdir).start()
-    try:
-        ff = burst(kube, fns, fctrl, fl, f"floor, {WORKERS} workers")
-    finally:
-        fl.stop()
-    print(f"[glue bench: {label}]")
+    """Floor, watcher, floor again (an A-B-A order): the watcher is compared with the mean
+    of the two floor runs around it. Whichever runs first meets a colder API server and
+    etcd, and each burst leaves 1,000 more TaskRuns behind; with the floor only after the
+    watcher, the same code measured 1.30-1.37x in the empty cluster and 1.02-1.13x among
+    10,000 TaskRuns."""
+    namespaces = []
+
+    def floor(n: int) -> dict:
+        fns, fctrl = new_namespace(kube), new_namespace(kube)
+        namespaces.append(fns)
+        fl = Floor(cluster.kubeconfig, fns, fctrl, workdir).start()
+        try:
+            return burst(kube, fns, fctrl, fl, f"floor {n}, {WORKERS} workers")
+        finally:
+            fl.stop()
+
+    def watcher() -> dict:
+        ns, ctrl = new_namespace(kube), new_namespace(kube)
+        namespaces.append(ns)
+        host_pool(kube, ctrl, hosts=4, concurrency=250)
+        w = Watcher(cluster.kubeconfig, ctrl, [], workdir, "--log-level", "warning",
+                    "--workers", str(WORKERS), "--gc-interval", "60s").start().wait_ready(600)
+        try:
+            return burst(kube, ns, ctrl, w, f"watcher, {WORKERS} workers")
+        finally:
+            w.stop()
+
+    f1 = floor(1)
+    wf = watcher()
+    f2 = floor(2)
+    ff = {k: (f1[k] + f2[k]) / 2 for k in ("last_s", "p50", "p99", "cpu")}
+    print(f"[glue bench: {label}] (floor: the mean of floor 1 and floor 2)")
     compare(wf, ff)
     # gone before the next watcher starts: a build of a namespace still terminating is a
     # build to it (it provisioned the first burst's 1,000 again, and counted their CPU)
-    release(kube, ns, wait=True)
-    release(kube, fns, wait=True)
+    for ns in namespaces:
+        release(kube, ns, wait=True)
 
 
 @pytest.mark.bench
