@@ -107,23 +107,22 @@ def compare(w: dict, fl: dict) -> None:
 def watcher_then_floor(cluster, kube, workdir, label: str) -> None:
     """Floor, watcher, floor again (an A-B-A order): the watcher is compared with the mean
     of the two floor runs around it. Whichever runs first meets a colder API server and
-    etcd, and each burst leaves 1,000 more TaskRuns behind; with the floor only after the
-    watcher, the same code measured 1.30-1.37x in the empty cluster and 1.02-1.13x among
-    10,000 TaskRuns."""
-    namespaces = []
-
+    etcd; with the floor only after the watcher, the same code measured 1.30-1.37x in the
+    empty cluster and 1.02-1.13x among 10,000 TaskRuns."""
+    # Each run's builds are gone before the next starts: the floor adds the same finalizer,
+    # so to a watcher the floor's builds are its own; and a build of a namespace still
+    # terminating is a build to it (it provisioned an earlier burst's 1,000 again).
     def floor(n: int) -> dict:
         fns, fctrl = new_namespace(kube), new_namespace(kube)
-        namespaces.append(fns)
         fl = Floor(cluster.kubeconfig, fns, fctrl, workdir).start()
         try:
             return burst(kube, fns, fctrl, fl, f"floor {n}, {WORKERS} workers")
         finally:
             fl.stop()
+            release(kube, fns, wait=True)
 
     def watcher() -> dict:
         ns, ctrl = new_namespace(kube), new_namespace(kube)
-        namespaces.append(ns)
         host_pool(kube, ctrl, hosts=4, concurrency=250)
         w = Watcher(cluster.kubeconfig, ctrl, [], workdir, "--log-level", "warning",
                     "--workers", str(WORKERS), "--gc-interval", "60s").start().wait_ready(600)
@@ -131,6 +130,7 @@ def watcher_then_floor(cluster, kube, workdir, label: str) -> None:
             return burst(kube, ns, ctrl, w, f"watcher, {WORKERS} workers")
         finally:
             w.stop()
+            release(kube, ns, wait=True)
 
     f1 = floor(1)
     wf = watcher()
@@ -138,10 +138,6 @@ def watcher_then_floor(cluster, kube, workdir, label: str) -> None:
     ff = {k: (f1[k] + f2[k]) / 2 for k in ("last_s", "p50", "p99", "cpu")}
     print(f"[glue bench: {label}] (floor: the mean of floor 1 and floor 2)")
     compare(wf, ff)
-    # gone before the next watcher starts: a build of a namespace still terminating is a
-    # build to it (it provisioned the first burst's 1,000 again, and counted their CPU)
-    for ns in namespaces:
-        release(kube, ns, wait=True)
 
 
 @pytest.mark.bench
