@@ -149,9 +149,16 @@ def event(namespace: str, name: str, uid: str, reason: str, message: str, warnin
     }
 
 
+def _guard(md: dict) -> dict:
+    """Optimistic locking for a JSON patch: the patched object carries the version the
+    patch was computed from, so the API server answers 409 Conflict if it changed since
+    (a ``test`` op would fail as a bare 422, which names neither op nor field)."""
+    return {"op": "replace", "path": "/metadata/resourceVersion", "value": md["resourceVersion"]}
+
+
 def finalizer_add_patch(tr: dict) -> list[dict]:
     md = tr["metadata"]
-    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": md["resourceVersion"]}]
+    ops = [_guard(md)]
     if md.get("finalizers"):
         ops.append({"op": "add", "path": "/metadata/finalizers/-", "value": c.FINALIZER})
     else:
@@ -162,6 +169,6 @@ def finalizer_add_patch(tr: dict) -> list[dict]:
 def finalizer_remove_patch(tr: dict) -> list[dict]:
     md = tr["metadata"]
     i = md["finalizers"].index(c.FINALIZER)
-    return [{"op": "test", "path": "/metadata/resourceVersion", "value": md["resourceVersion"]},
+    return [_guard(md),
             {"op": "test", "path": f"/metadata/finalizers/{i}", "value": c.FINALIZER},
             {"op": "remove", "path": f"/metadata/finalizers/{i}"}]

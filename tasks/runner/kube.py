@@ -144,7 +144,7 @@ class ApiError(client.ApiException):
 
     @property
     def conflict(self) -> bool:
-        """The object changed under us (``Kube.json_patch`` maps a failed guard to 409)."""
+        """The object changed under us (a guarded patch of a newer version)."""
         return self.status == 409
 
 
@@ -276,25 +276,9 @@ class Kube:
             raise
 
     def json_patch(self, p: str, ops: list[dict]) -> dict:
-        """JSON patch; a failed leading ``test`` of resourceVersion is reported as 409.
-
-        The API server answers a failed ``test`` op with a bare 422 ("the server
-        rejected our request due to an error in our request"), which names
-        neither the op nor the field; re-reading tells a stale version apart
-        from a really invalid patch.
-        """
-        try:
-            return self.request("PATCH", p, body=ops, content_type=JSON_PATCH)
-        except ApiError as e:
-            guard = ops[0] if ops and ops[0].get("op") == "test" \
-                and ops[0].get("path") == "/metadata/resourceVersion" else None
-            if e.status != 422 or guard is None:
-                raise
-            current = self.get(p)
-            if current is not None and \
-                    current.get("metadata", {}).get("resourceVersion") == guard.get("value"):
-                raise
-            raise ApiError(409, "Conflict", {"message": "object changed since it was read"}) from e
+        """JSON patch. Guard it with a ``replace`` of /metadata/resourceVersion
+        (``mpc.glue.objects``): a stale version is then a 409 Conflict."""
+        return self.request("PATCH", p, body=ops, content_type=JSON_PATCH)
 
     def merge_patch(self, p: str, body: dict) -> dict:
         return self.request("PATCH", p, body=body, content_type=MERGE_PATCH)

@@ -26,7 +26,7 @@ def test_stale_finalizer_patch_is_a_conflict_and_a_bad_patch_is_not(kube, namesp
     assert done["metadata"]["finalizers"]
     # a patch that is invalid for another reason stays an error, not a retryable conflict
     current = glue.get(p)
-    bad = [{"op": "test", "path": "/metadata/resourceVersion",
+    bad = [{"op": "replace", "path": "/metadata/resourceVersion",
             "value": current["metadata"]["resourceVersion"]},
            {"op": "add", "path": "/metadata/labels/bad key!", "value": "v"}]
     with pytest.raises(k.ApiError) as e:
