@@ -108,6 +108,7 @@ class Slot:
     lease_name: str
     target: Host | None = None      # the host as recorded when the slot was taken
     unreachable_since: str = ""     # set when its removed host could not be reached
+    lease_uid: str = ""             # this holder's Lease, not a namesake taken since
 
 
 def target_annotations(host: Host) -> dict[str, str]:
@@ -145,7 +146,8 @@ def _slot_from_lease(lease: client.V1Lease) -> Slot:
     host = lab.get(contract.LABEL_HOST, "")
     return Slot(host=host, index=int(m.name.rsplit("-", 1)[1]), holder=_holder(m),
                 lease_name=m.name, target=_target(host, ann),
-                unreachable_since=ann.get(contract.ANN_UNREACHABLE_SINCE, ""))
+                unreachable_since=ann.get(contract.ANN_UNREACHABLE_SINCE, ""),
+                lease_uid=m.uid or "")
 
 
 # --- pure capacity arithmetic (the watcher calls these on its cache) ----------------
@@ -337,9 +339,23 @@ class Slots:
         return sum(free_slots(hosts, self.all()).values())
 
     def release(self, slot: Slot) -> None:
+        """Delete the slot's Lease, only if it is still the one this view was read from.
+
+        A slot's name is reused: between reading a done build's slot and releasing it
+        (the sweep removes the build's user over SSH first), that Lease may be freed and
+        the name taken by another build. A plain delete by name then freed the new
+        holder's slot: a second build got the host (over its limit) and the next sweep
+        removed the first one's user under its running build. The uid precondition
+        makes that delete a 409, i.e. "released already"."""
+        body = (client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=slot.lease_uid))
+                if slot.lease_uid else None)
         try:
-            self.kube.leases.delete_namespaced_lease(slot.lease_name, self.namespace)
+            self.kube.leases.delete_namespaced_lease(slot.lease_name, self.namespace, body=body)
         except client.ApiException as e:
+            if e.status == 409 and slot.lease_uid:
+                log.event("slot was released and taken again meanwhile; left to its holder",
+                          slot=slot.lease_name, uid=slot.lease_uid)
+                return
             if e.status != 404:
                 raise
 

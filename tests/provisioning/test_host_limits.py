@@ -133,3 +133,22 @@ def test_drained_host_gets_no_new_build_and_its_running_build_ends_normally(
     set_drain(controller, doc, drained.name, False)   # back in service
     back = make_taskrun(kube, namespace)
     assert controller.provision(back).results == {"outcome": "served", "host": drained.name}
+
+
+def test_releasing_a_stale_view_of_a_slot_never_frees_its_next_holder(controller):
+    """The sweep reads a done build's slot, removes its user, then releases the slot. If the
+    slot was freed and taken by another build meanwhile (same Lease name), releasing the
+    stale view must leave the new holder's slot alone: deleting it by name let a second
+    build onto the host (over its limit), and the next sweep removed the first build's
+    user under it (seen in the soak: 'Connection closed by remote host')."""
+    slots = Slots(tasks_kube(controller), controller.namespace)
+    one = host(1)
+    stale = slots.allocate([one], holder(1))          # what the sweep read
+    slots.release(slots.all()[0])                     # the build's own release goes first
+    now = slots.allocate([one], holder(2))            # the next build takes the same slot
+    assert now is not None and now.lease_name == stale.lease_name
+    slots.release(stale)                              # the sweep's release, late
+    assert [s.holder.uid for s in slots.all()] == [holder(2).uid]
+    assert slots.allocate([one], holder(3)) is None   # the host stays at its limit
+    slots.release(now)
+    assert slots.all() == []
