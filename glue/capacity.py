@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from mpc.runner import hostpool, slots
 
 from .objects import parse_time
-from .store import Build, Store
+from .store import Store
 
 ADMIT, WAIT, TIMED_OUT = "admit", "wait", "timed-out"
 
@@ -43,13 +43,6 @@ def free_slots(pool: hostpool.Pool, platform: str, store: Store) -> int:
     with store.lock:
         held = list(store.slots.values())
     return sum(slots.free_slots(pool.hosts_for(platform), held).values())
-
-
-def waiting(b: Build, runs: dict) -> bool:
-    """Holds our finalizer, is not finished, and has neither a provisioning run nor its
-    answer for waiting too long (a provision-failed run)."""
-    return (b.ours and not b.finished and b.provision_run not in runs
-            and b.failed_run not in runs)
 
 
 def decide(pool: hostpool.Pool | None, store: Store, uid: str, now: float) -> Decision:

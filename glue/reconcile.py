@@ -239,7 +239,7 @@ class Reconciler:
         with self.store.lock:
             for uid in list(self.parked):
                 o = self.store.builds.get(uid)
-                if o is None or not capacity.waiting(o, self.store.runs):
+                if o is None or not self.store.waiting(uid):
                     self.parked.discard(uid)
                 elif o.platform and (platform is None or o.platform == platform):
                     key = (o.created, o.uid)

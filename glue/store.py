@@ -173,6 +173,11 @@ class Store:
         uid) than build ``uid``: a bisection, not a scan."""
         return bisect.bisect_left(self._line.get(platform, []), (created, uid))
 
+    def waiting(self, uid: str) -> bool:
+        """Holds our finalizer, is not finished, and has neither a provisioning run nor its
+        answer for waiting too long (a provision-failed run)."""
+        return self._class.get(uid, ("", ""))[1] == WAITING
+
     def admission_sets(self, platform: str) -> tuple[set, set]:
         """(waiting, in flight) build uids of ``platform``; read them under ``lock``."""
         return (self._by_class.get((platform, WAITING), set()),

@@ -51,7 +51,8 @@ from kubernetes import client
 
 from . import contract, log
 from .hostpool import Host, PoolError, from_document
-from .kube import Kube
+from .kube import Kube, call
+from .kube import path as kube_path
 
 WAITER_LEASE_SECONDS = 30
 ALIVE_CHECK_SECONDS = 3
@@ -345,19 +346,12 @@ class Slots:
         (the sweep removes the build's user over SSH first), that Lease may be freed and
         the name taken by another build. A plain delete by name then freed the new
         holder's slot: a second build got the host (over its limit) and the next sweep
-        removed the first one's user under its running build. The uid precondition
-        makes that delete a 409, i.e. "released already"."""
-        body = (client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=slot.lease_uid))
-                if slot.lease_uid else None)
-        try:
-            self.kube.leases.delete_namespaced_lease(slot.lease_name, self.namespace, body=body)
-        except client.ApiException as e:
-            if e.status == 409 and slot.lease_uid:
-                log.event("slot was released and taken again meanwhile; left to its holder",
-                          slot=slot.lease_name, uid=slot.lease_uid)
-                return
-            if e.status != 404:
-                raise
+        removed the first one's user under its running build. ``Kube.delete`` with the
+        Lease's uid leaves a namesake taken since alone."""
+        lease = kube_path("coordination.k8s.io", "v1", "leases", self.namespace, slot.lease_name)
+        if not call(self.kube.delete, lease, uid=slot.lease_uid or None) and slot.lease_uid:
+            log.event("slot released already (or taken again since); left as it is",
+                      slot=slot.lease_name, uid=slot.lease_uid)
 
     def mark_unreachable(self, slot: Slot, since: str) -> None:
         """Record when the removed host of ``slot`` was first found unreachable."""
