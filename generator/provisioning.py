@@ -80,6 +80,10 @@ TR_PARAMS = (
     Param("TASKRUN_NAMESPACE", "Namespace of the build TaskRun."),
     Param("TASKRUN_UID", "UID of the build TaskRun (guards against a re-created namesake)."),
 )
+OWNER_PARAM = Param(contract.OWNER_PARAM, "For a build provisioned before its TaskRun exists: "
+                    "the PipelineRun that will create it (TASKRUN_UID is then "
+                    "contract.predicted_uid of that PipelineRun and TASKRUN_NAME). Empty "
+                    "otherwise.", "")
 POOL_PARAM = Param("HOST_POOL", "ConfigMap with the host pool, in the namespace this Task runs in "
                    "(falls back to Konflux's host-config).", contract.HOST_POOL_CONFIGMAP)
 PLATFORM = Param("PLATFORM", "Platform the build asked for, e.g. linux/arm64.")
@@ -89,7 +93,7 @@ PROVISION = TaskDef(
     description="Allocates a slot on the least-utilised host of PLATFORM (queueing while all "
                 "are busy), creates a fresh build user with a key generated in the pod, and "
                 "writes the build's secret multi-platform-ssh-<TaskRun> (or its error form).",
-    params=(*TR_PARAMS, PLATFORM, POOL_PARAM,
+    params=(*TR_PARAMS, PLATFORM, POOL_PARAM, OWNER_PARAM,
             Param("MAX_WAIT_SECONDS", "Override the pool's maxWaitSeconds (empty: use the pool).", "")),
     results=(Result("outcome", "served, local, error or gone (the build TaskRun is finished or gone)."),
              Result("host", "Name of the host that serves the build (localhost for local).")),
@@ -98,7 +102,7 @@ ERROR_SECRET = TaskDef(
     name="mpc-error-secret", command="error-secret",
     description="Writes the error form of the build's secret when provisioning failed without "
                 "answering, so the build fails fast with a message instead of waiting.",
-    params=(*TR_PARAMS, Param("PLATFORM", "Platform the build asked for.", ""),
+    params=(*TR_PARAMS, Param("PLATFORM", "Platform the build asked for.", ""), OWNER_PARAM,
             Param("PIPELINERUN", "The provisioning PipelineRun, named in the message.", ""),
             Param("PROVISION_STATUS", "Status of the provision task.", "Failed")),
 )
@@ -144,15 +148,15 @@ def provision_pipeline() -> dict:
         contract.PROVISION_PIPELINE,
         "Provisions a build host for one build TaskRun; if provisioning fails without "
         "answering, writes the error secret.",
-        (*TR_PARAMS, PLATFORM, POOL_PARAM),
+        (*TR_PARAMS, PLATFORM, POOL_PARAM, OWNER_PARAM),
         results=[{"name": "outcome", "value": "$(tasks.provision.results.outcome)"}],
         tasks=[{"name": "provision", "taskRef": _ref(PROVISION.name),
-                "params": _pass(*contract.PIPELINE_PARAMS, "HOST_POOL")}],
+                "params": _pass(*contract.PIPELINE_PARAMS, "HOST_POOL", OWNER_PARAM.name)}],
         **{"finally": [{
             "name": "error-secret", "taskRef": _ref(ERROR_SECRET.name),
             "when": [{"input": "$(tasks.provision.status)", "operator": "notin",
                       "values": ["Succeeded"]}],
-            "params": _pass(*contract.PIPELINE_PARAMS) + [
+            "params": _pass(*contract.PIPELINE_PARAMS, OWNER_PARAM.name) + [
                 {"name": "PIPELINERUN", "value": "$(context.pipelineRun.name)"},
                 {"name": "PROVISION_STATUS", "value": "$(tasks.provision.status)"}]}]})
 
@@ -165,9 +169,11 @@ def provision_failed_pipeline() -> dict:
         "an answer already written.",
         (*TR_PARAMS, PLATFORM,
          Param("PIPELINERUN", "The provisioning PipelineRun that failed."),
-         Param("PROVISION_STATUS", "How it ended (its Succeeded reason, e.g. Cancelled).")),
+         Param("PROVISION_STATUS", "How it ended (its Succeeded reason, e.g. Cancelled)."),
+         OWNER_PARAM),
         tasks=[{"name": "error-secret", "taskRef": _ref(ERROR_SECRET.name),
-                "params": _pass(*contract.PIPELINE_PARAMS, "PIPELINERUN", "PROVISION_STATUS")}])
+                "params": _pass(*contract.PIPELINE_PARAMS, "PIPELINERUN", "PROVISION_STATUS",
+                                OWNER_PARAM.name)}])
 
 
 def deprovision_pipeline() -> dict:
@@ -193,7 +199,9 @@ def rbac(namespace: str = "mpc") -> list[dict]:
              # (rbac/mpc-tasks-admission.yaml) confines every write to mpc's secrets
              {"apiGroups": [""], "resources": ["secrets"],
               "verbs": ["create", "update", "patch", "delete"]},
-             {"apiGroups": ["tekton.dev"], "resources": ["taskruns"], "verbs": ["get"]},
+             # the liveness of a build: its TaskRun, or the PipelineRun that will create it
+             {"apiGroups": ["tekton.dev"], "resources": ["taskruns", "pipelineruns"],
+              "verbs": ["get"]},
              # Warning Events: a changed host key, on the build TaskRun and on the key's record
              {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -206,8 +214,7 @@ def rbac(namespace: str = "mpc") -> list[dict]:
              {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
               "verbs": ["get", "list", "create", "patch", "delete"]},
              {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
-             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},  # admin keys
-             {"apiGroups": ["tekton.dev"], "resources": ["pipelineruns"], "verbs": ["get"]}]},
+             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]},  # admin keys
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": {"name": sa, "namespace": namespace},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},

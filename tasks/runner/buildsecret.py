@@ -1,7 +1,8 @@
 """The secret a build TaskRun mounts: credentials for its host, or an error.
 
 ``multi-platform-ssh-<taskrun>`` in the build's namespace, owned by the
-TaskRun (so it dies with it) and labelled as mpc's. Keys, as Konflux's
+TaskRun (so it dies with it; a predicted build's by its PipelineRun, which
+owns the TaskRun too) and labelled as mpc's. Keys, as Konflux's
 buildah-remote expects: ``id_rsa``, ``host``, ``user-dir`` (+ ``known_hosts``, and
 ``registry-port`` for an mpc build user: the port its key may forward; ``builder``
 = ``host`` for a pool host with ``builder: host``: the build runs as root on the
@@ -42,7 +43,7 @@ def _b64(v: str | bytes) -> str:
 
 
 def _body(taskrun: dict, data: dict[str, str | bytes]) -> client.V1Secret:
-    m = taskrun["metadata"]
+    m, owner = taskrun["metadata"], contract.owner_reference(taskrun)
     return client.V1Secret(
         metadata=client.V1ObjectMeta(
             name=contract.secret_name(m["name"]), namespace=m["namespace"],
@@ -50,8 +51,8 @@ def _body(taskrun: dict, data: dict[str, str | bytes]) -> client.V1Secret:
                     contract.LABEL_TASKRUN_UID: m["uid"]},
             annotations={contract.ANN_TASKRUN_NAME: m["name"]},
             owner_references=[client.V1OwnerReference(
-                api_version=taskrun.get("apiVersion", "tekton.dev/v1"), kind="TaskRun",
-                name=m["name"], uid=m["uid"])]),
+                api_version=owner["apiVersion"], kind=owner["kind"], name=owner["name"],
+                uid=owner["uid"])]),
         type="Opaque", data={k: _b64(v) for k, v in data.items()})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 
 DOMAIN = "build.mpc.dev"
 
@@ -47,6 +48,9 @@ LABEL_ROLE = f"{DOMAIN}/role"                   # provision | deprovision | swee
 LABEL_HOST = f"{DOMAIN}/host"                   # host name from the pool (validated as a label value)
 ANN_TASKRUN_NAME = f"{DOMAIN}/taskrun-name"     # names can exceed 63 chars: annotation
 ANN_PLATFORM = f"{DOMAIN}/platform"             # contains '/': annotation
+# a build provisioned before its TaskRun exists (predicted): the PipelineRun that will
+# create it (on its slots, queue entries and places; absent for every other build)
+ANN_PIPELINERUN = f"{DOMAIN}/pipelinerun"
 ANN_USER = f"{DOMAIN}/user"
 ANN_ADDRESS = f"{DOMAIN}/address"
 ANN_ALLOCATED_AT = f"{DOMAIN}/allocated-at"
@@ -89,6 +93,7 @@ SWEEP_TASK = "mpc-sweep"
 PROVISION_STATUS_QUEUE_TIMEOUT = "QueueTimeout"
 PIPELINE_PARAMS = ("TASKRUN_NAME", "TASKRUN_NAMESPACE", "TASKRUN_UID", "PLATFORM")
 DEPROVISION_PARAMS = ("TASKRUN_NAME", "TASKRUN_NAMESPACE", "TASKRUN_UID")
+OWNER_PARAM = "BUILD_PIPELINERUN"   # a predicted build's PipelineRun (provision, error secret)
 TASKS_SERVICE_ACCOUNT = "mpc-tasks"             # runs the provisioning Tasks (writes secrets)
 WATCHER_SERVICE_ACCOUNT = "mpc-watcher"         # cannot read secrets
 
@@ -211,15 +216,91 @@ def build_done(taskrun: dict | None, uid: str) -> str | None:
     """
     if taskrun is None:
         return "deleted"
-    md = taskrun.get("metadata") or {}
-    if md.get("uid") != uid:
+    if (taskrun.get("metadata") or {}).get("uid") != uid:
         return "replaced"
-    if md.get("deletionTimestamp"):
+    return _ended(taskrun)
+
+
+def _ended(obj: dict) -> str | None:
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
         return "deleting"
-    ok = succeeded(taskrun)
+    ok = succeeded(obj)
     if ok is None:
         return None
     return "succeeded" if ok else "failed"
+
+
+# --- builds provisioned before their TaskRun exists (predicted) ---------------------
+# The runner sees any build as a TaskRun dict (``provision.build_state``): its metadata
+# name/namespace/uid are the build's TaskRun name, namespace and key. A predicted build's
+# dict also says what owns its secret and what its Events are about.
+def involved_object(build: dict) -> dict:
+    """What an Event about ``build`` is about: the TaskRun (or, before a predicted
+    build's TaskRun exists, its PipelineRun)."""
+    m = build["metadata"]
+    return build.get("involvedObject") or {
+        "apiVersion": build.get("apiVersion", "tekton.dev/v1"), "kind": "TaskRun",
+        "name": m["name"], "uid": m["uid"]}
+
+
+def owner_reference(build: dict) -> dict:
+    """The owner of ``build``'s secret, so that it dies with it: the TaskRun, or a
+    predicted build's PipelineRun."""
+    return build.get("ownerReference") or involved_object(build)
+
+
+_PREDICTED = uuid.UUID("8f0b6a57-3c1e-4f7e-9a51-6d2f3b1c0e42")
+
+
+def predicted_uid(pipelinerun_uid: str, taskrun_name: str) -> str:
+    """The key of the build TaskRun ``taskrun_name`` that PipelineRun ``pipelinerun_uid``
+    will create: known before the TaskRun exists, the same for whoever computes it, and
+    a uid-shaped value (user names, slots and runs are keyed by it as by a TaskRun uid)."""
+    return str(uuid.uuid5(_PREDICTED, f"{pipelinerun_uid}/{taskrun_name}"))
+
+
+def made_by(taskrun: dict, owner: str, uid: str) -> bool:
+    """Whether ``taskrun`` is the predicted build ``uid``: a child of PipelineRun
+    ``owner`` whose uid and the TaskRun's name give ``uid``."""
+    name = (taskrun.get("metadata") or {}).get("name", "")
+    return any(r.get("kind") == "PipelineRun" and r.get("name") == owner
+               and predicted_uid(str(r.get("uid", "")), name) == uid
+               for r in (taskrun.get("metadata") or {}).get("ownerReferences") or ())
+
+
+def lists_child(pipelinerun: dict, taskrun_name: str) -> bool:
+    """Whether the PipelineRun has recorded a child TaskRun of that name (it made it)."""
+    return any(r.get("name") == taskrun_name
+               for r in (pipelinerun.get("status") or {}).get("childReferences") or ())
+
+
+def predicted_build_done(taskrun: dict | None, pipelinerun: dict | None, name: str, uid: str,
+                         owner: str) -> str | None:
+    """``build_done`` for a predicted build: ``owner`` is the PipelineRun that will create
+    TaskRun ``name``, ``uid`` its ``predicted_uid``, ``taskrun``/``pipelinerun`` what the
+    API returns for the two (None for 404).
+
+    Once the TaskRun exists, the build is that TaskRun (if ``made_by`` the owner; any
+    other namesake means "replaced") and ends as any build does. Before, it lives while
+    its PipelineRun runs: a PipelineRun that is gone, replaced, being deleted or
+    finished will never create it, and one that lists the child while the TaskRun is
+    404 had it deleted. The caller reads the TaskRun first and, if the PipelineRun
+    lists the child, the TaskRun again: one created between the reads is never taken
+    for a deleted one.
+    """
+    if taskrun is not None:
+        return _ended(taskrun) if made_by(taskrun, owner, uid) else "replaced"
+    if pipelinerun is None:
+        return "pipelinerun deleted"
+    md = pipelinerun.get("metadata") or {}
+    if predicted_uid(str(md.get("uid", "")), name) != uid:
+        return "pipelinerun replaced"
+    ended = _ended(pipelinerun)
+    if ended:
+        return f"never created (pipelinerun {ended})"
+    if lists_child(pipelinerun, name):
+        return "deleted"
+    return None
 
 
 # --- validating references that arrive as params --------------------------------
@@ -228,8 +309,9 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _UID = re.compile(r"^[0-9a-fA-F][0-9a-fA-F-]{7,63}$")
 
 
-def taskrun_ref_problem(namespace: str, name: str, uid: str) -> str | None:
-    """Why (namespace, name, uid) cannot name a real TaskRun, or None if it can.
+def taskrun_ref_problem(namespace: str, name: str, uid: str, owner: str = "") -> str | None:
+    """Why (namespace, name, uid) cannot name a real TaskRun (or ``owner`` a PipelineRun),
+    or None if they can.
 
     Checked before any value is put into an API path or a label selector.
     """
@@ -239,6 +321,8 @@ def taskrun_ref_problem(namespace: str, name: str, uid: str) -> str | None:
         return f"invalid TaskRun name {name!r}"
     if not _UID.match(uid):
         return f"invalid TaskRun uid {uid!r}"
+    if owner and not (len(owner) <= 253 and _DNS_SUBDOMAIN.match(owner)):
+        return f"invalid PipelineRun name {owner!r}"
     return None
 
 

@@ -136,21 +136,20 @@ def sweep(kube: Kube, controller_namespace: str,
             report.errors.append(str(e))
     # 2. slots whose build is done (finished, deleted or replaced), never "still exists"
     all_slots = slots.all()
-    why_done: dict[tuple[str, str, str], str | None] = {}
+    why_done: dict[tuple[str, str, str, str], str | None] = {}
     for s in all_slots:
-        h = (s.holder.namespace, s.holder.name, s.holder.uid)
+        h = s.holder.build
         if h not in why_done:
             why_done[h] = build_state(kube, *h)[1]
             if why_done[h]:
                 log.event("build done; freeing its slots", why=why_done[h], namespace=h[0],
                           name=h[1], uid=h[2])
-    done = [s for s in all_slots
-            if why_done[(s.holder.namespace, s.holder.name, s.holder.uid)]]
+    done = [s for s in all_slots if why_done[s.holder.build]]
     if done:
         release_slots(kube, controller_namespace, pool, slots, done, report,
                       grace=removed_host_grace)
-        for h in dict.fromkeys((s.holder.namespace, s.holder.name, s.holder.uid) for s in done):
-            if buildsecret.delete(kube, *h):
+        for h in dict.fromkeys(s.holder.build for s in done):
+            if buildsecret.delete(kube, *h[:3]):
                 report.secret_deleted = True
     # 3. users no slot accounts for
     accounted = {s.holder.user for s in all_slots if s not in done}
@@ -166,8 +165,7 @@ def sweep(kube: Kube, controller_namespace: str,
             report.errors.append(str(e))
     # 4. queue entries of builds that are done (clock-free: never judged by a renewTime)
     for w in slots.waiters():
-        h = (w.holder.namespace, w.holder.name, w.holder.uid)
-        why = why_done.get(h) or build_state(kube, *h)[1]
+        why = why_done.get(w.holder.build) or build_state(kube, *w.holder.build)[1]
         if why:
             slots.delete_waiter(w.name)
             log.event("build done; queue entry removed", why=why, uid=w.holder.uid)

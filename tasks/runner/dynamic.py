@@ -43,7 +43,7 @@ from .cloud import LaunchRequest, Provider, ProviderError, for_platform
 from .hostpool import Dynamic, Host, Pool
 from .kube import Kube
 from .remote import HostError
-from .slots import Gone, Holder, Slots
+from .slots import Gone, Holder, Slots, holder_of
 from .vms import BOOTING, LAUNCHING, READY, TERMINATING, VM, Conflict, Records, count
 
 TERMINATE_CONFIRM_SECONDS = 300
@@ -249,7 +249,8 @@ def provision(kube: Kube, req, pool: Pool, dyn: Dynamic, taskrun: dict, poll: fl
     from .provision import Outcome, _fail, create_user, live_taskrun
     ns = req.controller_namespace
     ids = {"namespace": req.taskrun_namespace, "name": req.taskrun_name, "uid": req.taskrun_uid}
-    holder = Holder(req.taskrun_namespace, req.taskrun_name, req.taskrun_uid, req.platform)
+    holder = Holder(req.taskrun_namespace, req.taskrun_name, req.taskrun_uid, req.platform,
+                    req.owner)
     records, slots = Records(kube, ns), Slots(kube, ns)
     release(kube, ns, pool, req.taskrun_uid)          # an earlier attempt's place and user
     try:
@@ -392,9 +393,7 @@ def _event(kube: Kube, taskrun: dict, reason: str, message: str, kind: str = "No
             "metadata": {"name": f"{m['name'][:200].rstrip('-.')}.{digest}",
                          "namespace": m["namespace"],
                          "labels": {contract.LABEL_MANAGED: contract.MANAGED_VALUE}},
-            "involvedObject": {"apiVersion": taskrun.get("apiVersion", "tekton.dev/v1"),
-                               "kind": "TaskRun", "name": m["name"], "uid": m["uid"],
-                               "namespace": m["namespace"]},
+            "involvedObject": {**contract.involved_object(taskrun), "namespace": m["namespace"]},
             "reason": reason, "message": message[:1000], "type": kind,
             "source": {"component": hostkeys.COMPONENT},
             "reportingComponent": hostkeys.COMPONENT,
@@ -493,12 +492,9 @@ def sweep(kube: Kube, namespace: str, pool: Pool, build_state) -> Report:
                 rep.errors.append(str(e))
     # 3. places of builds that are done
     for p in records.all_places() + records.all_namespace_places():
-        lab, ann = p.metadata.labels or {}, p.metadata.annotations or {}
-        why = build_state(kube, lab.get(contract.LABEL_TASKRUN_NAMESPACE, ""),
-                          ann.get(contract.ANN_TASKRUN_NAME, ""),
-                          lab.get(contract.LABEL_TASKRUN_UID, ""))[1]
-        if why:
-            rep.errors += release(kube, namespace, pool, lab.get(contract.LABEL_TASKRUN_UID, ""))
+        build = holder_of(p.metadata)
+        if build_state(kube, *build.build)[1]:
+            rep.errors += release(kube, namespace, pool, build.uid)
             rep.released_places.append(p.metadata.name)
     # 4. records: gone, abandoned, old, terminating, or of a platform no longer in the pool
     all_vms = records.all()
@@ -583,10 +579,7 @@ def _retire_reason(kube: Kube, records: Records, prov: Provider, dyn: Dynamic | 
         # removed (step 3 tried): while the VM answers, the next sweep tries again; a VM
         # that does not answer is terminated, which takes those users with it.
         for p in places:
-            lab, ann = p.metadata.labels or {}, p.metadata.annotations or {}
-            if not build_state(kube, lab.get(contract.LABEL_TASKRUN_NAMESPACE, ""),
-                               ann.get(contract.ANN_TASKRUN_NAME, ""),
-                               lab.get(contract.LABEL_TASKRUN_UID, ""))[1]:
+            if not build_state(kube, *holder_of(p.metadata).build)[1]:
                 return None                       # a build still runs there
         problem = _unhealthy(kube, records, dyn, vm)
         if problem is None:

@@ -220,9 +220,7 @@ def warn_build(kube: Kube, taskrun: dict, err: HostKeyChanged) -> bool:
     """Tell the build why its host was refused: a Warning Event on its TaskRun."""
     m = taskrun["metadata"]
     return post_warning(
-        kube, m["namespace"],
-        {"apiVersion": taskrun.get("apiVersion", "tekton.dev/v1"), "kind": "TaskRun",
-         "name": m["name"], "uid": m["uid"]},
+        kube, m["namespace"], contract.involved_object(taskrun),
         f"{m['name'][:200].rstrip('-.')}.{_digest(m['uid'], REASON, err.host)}", err.message)
 
 

@@ -165,7 +165,7 @@ def taskruns(namespace: str | None = None, name: str | None = None) -> str:
     return path("tekton.dev", "v1", "taskruns", namespace, name)
 
 
-def pipelineruns(namespace: str, name: str | None = None) -> str:
+def pipelineruns(namespace: str | None = None, name: str | None = None) -> str:
     return path("tekton.dev", "v1", "pipelineruns", namespace, name)
 
 
@@ -214,6 +214,10 @@ class Kube:
     def taskrun(self, namespace: str, name: str) -> dict | None:
         """The TaskRun, or None if there is none (retried like a typed call)."""
         return call(self.get, taskruns(namespace, name))
+
+    def pipelinerun(self, namespace: str, name: str) -> dict | None:
+        """The PipelineRun, or None if there is none (retried like a typed call)."""
+        return call(self.get, pipelineruns(namespace, name))
 
     # --- JSON verbs ----------------------------------------------------------------
     def _open(self, method: str, p: str, query: dict | None = None, body: Any = None,

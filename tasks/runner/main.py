@@ -40,7 +40,8 @@ def cmd_provision(_: argparse.Namespace) -> int:
                   taskrun_uid=env("TASKRUN_UID"), platform=env("PLATFORM"),
                   controller_namespace=env("CONTROLLER_NAMESPACE"),
                   pool_configmap=env("HOST_POOL", contract.HOST_POOL_CONFIGMAP),
-                  max_wait_seconds=int(max_wait) if max_wait else None)
+                  max_wait_seconds=int(max_wait) if max_wait else None,
+                  owner=env(contract.OWNER_PARAM, ""))
     out = provision(Kube.connect(), req)
     result("outcome", out.result)
     result("host", out.host)
@@ -76,7 +77,8 @@ def cmd_error_secret(_: argparse.Namespace) -> int:
     kube = Kube.connect()
     req = Request(taskrun_name=env("TASKRUN_NAME"), taskrun_namespace=env("TASKRUN_NAMESPACE"),
                   taskrun_uid=env("TASKRUN_UID"), platform=env("PLATFORM", ""),
-                  controller_namespace=env("CONTROLLER_NAMESPACE"))
+                  controller_namespace=env("CONTROLLER_NAMESPACE"),
+                  owner=env(contract.OWNER_PARAM, ""))
     tr = live_taskrun(kube, req)
     if tr is None:
         log.event("build TaskRun gone; no error secret needed", name=req.taskrun_name,
@@ -132,7 +134,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mpc-runner", description=(
         "Runs inside mpc's provisioning Tasks. Inputs come from env: TASKRUN_NAME, "
-        "TASKRUN_NAMESPACE, TASKRUN_UID, PLATFORM, CONTROLLER_NAMESPACE, HOST_POOL."))
+        "TASKRUN_NAMESPACE, TASKRUN_UID, PLATFORM, CONTROLLER_NAMESPACE, HOST_POOL, "
+        "BUILD_PIPELINERUN."))
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("provision", help="allocate a slot, create the build user, write the secret"
                    ).set_defaults(func=cmd_provision)

@@ -37,6 +37,7 @@ class Request:
     controller_namespace: str
     pool_configmap: str = contract.HOST_POOL_CONFIGMAP
     max_wait_seconds: int | None = None
+    owner: str = ""                  # a predicted build: the PipelineRun that will create it
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Outcome:
 
 def _fail(kube: Kube, taskrun: dict, message: str, **extra) -> Outcome:
     m = taskrun["metadata"]
-    _, why = build_state(kube, m["namespace"], m["name"], m["uid"])
+    _, why = build_state(kube, m["namespace"], m["name"], m["uid"], owner_of(taskrun))
     if why:
         log.event("build done; no error secret written", why=why, reason=message, **_ids(taskrun))
         return Outcome("gone", message=message, **extra)
@@ -67,25 +68,64 @@ def _ids(taskrun: dict) -> dict:
 INVALID_REFERENCE = "invalid reference"
 
 
-def build_state(kube: Kube, namespace: str, name: str, uid: str) -> tuple[dict | None, str | None]:
-    """(the build TaskRun, None) while it may use a host; (None, why) once it is done.
+def build_state(kube: Kube, namespace: str, name: str, uid: str, owner: str = ""
+                ) -> tuple[dict | None, str | None]:
+    """(the build, None) while it may use a host; (None, why) once it is done.
 
     The one liveness check of the runner: every release decision (the sweep,
     a provisioner giving up) rests on it, never on the object merely existing.
+    The build is its TaskRun; a predicted build (``owner``: the PipelineRun that
+    will create the TaskRun) is ``predicted_view`` of it, before and after the
+    TaskRun exists (``contract.predicted_build_done``).
     """
-    problem = contract.taskrun_ref_problem(namespace, name, uid)
+    problem = contract.taskrun_ref_problem(namespace, name, uid, owner)
     if problem:
         log.event("not a TaskRun reference; ignored", level="warning", problem=problem)
         return None, INVALID_REFERENCE
     tr = kube.taskrun(namespace, name)
-    why = contract.build_done(tr, uid)
-    return (None, why) if why else (tr, None)
+    if not owner:
+        why = contract.build_done(tr, uid)
+        return (None, why) if why else (tr, None)
+    pr = None
+    if tr is None:
+        pr = kube.pipelinerun(namespace, owner)
+        if pr is not None and contract.lists_child(pr, name):
+            tr = kube.taskrun(namespace, name)      # created since the first read?
+    why = contract.predicted_build_done(tr, pr, name, uid, owner)
+    return (None, why) if why else (predicted_view(namespace, name, uid, owner, tr, pr), None)
+
+
+def predicted_view(namespace: str, name: str, uid: str, owner: str, taskrun: dict | None,
+                   pipelinerun: dict | None) -> dict:
+    """A predicted build as the rest of the runner sees a build TaskRun: its name and key
+    (``uid``), its secret owned by the PipelineRun (the TaskRun may not exist yet; the
+    PipelineRun owns it when it does), its Events on the TaskRun once it exists."""
+    if taskrun is not None:
+        ref = next(r for r in taskrun["metadata"].get("ownerReferences") or ()
+                   if r.get("kind") == "PipelineRun" and r.get("name") == owner)
+        pr_uid = ref["uid"]
+        involved = {"apiVersion": taskrun.get("apiVersion", "tekton.dev/v1"),
+                    "kind": "TaskRun", "name": name, "uid": taskrun["metadata"]["uid"]}
+    else:
+        pr_uid = pipelinerun["metadata"]["uid"]
+        involved = None
+    owner_ref = {"apiVersion": "tekton.dev/v1", "kind": "PipelineRun", "name": owner,
+                 "uid": pr_uid}
+    return {"apiVersion": "tekton.dev/v1", "kind": "TaskRun",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid},
+            "ownerReference": owner_ref, "involvedObject": involved or owner_ref}
+
+
+def owner_of(build: dict) -> str:
+    """The PipelineRun a predicted build (``predicted_view``) comes from; "" for a TaskRun."""
+    return (build.get("ownerReference") or {}).get("name", "")
 
 
 def live_taskrun(kube: Kube, req: Request) -> dict | None:
-    """The build TaskRun while it may use a host: the same object, neither finished nor
-    (being) deleted."""
-    return build_state(kube, req.taskrun_namespace, req.taskrun_name, req.taskrun_uid)[0]
+    """The build while it may use a host: the same TaskRun (or predicted build), neither
+    finished nor (being) deleted."""
+    return build_state(kube, req.taskrun_namespace, req.taskrun_name, req.taskrun_uid,
+                       req.owner)[0]
 
 
 def sudo_rule(host: Host) -> str:
@@ -122,7 +162,8 @@ def create_user(kube: Kube, req: Request, host: Host, user: str, public_key: str
 
 
 def provision(kube: Kube, req: Request, poll: float = 0.5) -> Outcome:
-    taskrun, why = build_state(kube, req.taskrun_namespace, req.taskrun_name, req.taskrun_uid)
+    taskrun, why = build_state(kube, req.taskrun_namespace, req.taskrun_name, req.taskrun_uid,
+                               req.owner)
     if taskrun is None:
         trips = 0 if why == INVALID_REFERENCE else _give_back(kube, req)
         log.event("build done; nothing to provision", why=why, namespace=req.taskrun_namespace,
@@ -163,7 +204,8 @@ def _serve(kube: Kube, req: Request, pool: Pool, hosts: list[Host], taskrun: dic
            poll: float) -> Outcome:
     ids = _ids(taskrun)
     slots = Slots(kube, req.controller_namespace)
-    holder = Holder(req.taskrun_namespace, req.taskrun_name, req.taskrun_uid, req.platform)
+    holder = Holder(req.taskrun_namespace, req.taskrun_name, req.taskrun_uid, req.platform,
+                    req.owner)
     user = holder.user
     failed: dict[str, str] = {}
     trips = 0

@@ -79,6 +79,7 @@ class Holder:
     name: str
     uid: str
     platform: str
+    owner: str = ""         # a predicted build: the PipelineRun that will create its TaskRun
 
     @property
     def user(self) -> str:
@@ -90,15 +91,24 @@ class Holder:
 
     def annotations(self) -> dict[str, str]:
         return {contract.ANN_TASKRUN_NAME: self.name, contract.ANN_PLATFORM: self.platform,
-                contract.ANN_USER: self.user}
+                contract.ANN_USER: self.user,
+                **({contract.ANN_PIPELINERUN: self.owner} if self.owner else {})}
+
+    @property
+    def build(self) -> tuple[str, str, str, str]:
+        """What ``provision.build_state`` takes after the client: namespace, name, uid,
+        owner."""
+        return self.namespace, self.name, self.uid, self.owner
 
 
-def _holder(meta: client.V1ObjectMeta) -> Holder:
+def holder_of(meta: client.V1ObjectMeta) -> Holder:
+    """The build a slot, queue entry or place (``Holder.labels``/``annotations``) is for."""
     ann, lab = meta.annotations or {}, meta.labels or {}
     return Holder(namespace=lab.get(contract.LABEL_TASKRUN_NAMESPACE, ""),
                   name=ann.get(contract.ANN_TASKRUN_NAME, ""),
                   uid=lab.get(contract.LABEL_TASKRUN_UID, ""),
-                  platform=ann.get(contract.ANN_PLATFORM, ""))
+                  platform=ann.get(contract.ANN_PLATFORM, ""),
+                  owner=ann.get(contract.ANN_PIPELINERUN, ""))
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,7 @@ def _slot_from_lease(lease: client.V1Lease) -> Slot:
     m = lease.metadata
     ann, lab = m.annotations or {}, m.labels or {}
     host = lab.get(contract.LABEL_HOST, "")
-    return Slot(host=host, index=int(m.name.rsplit("-", 1)[1]), holder=_holder(m),
+    return Slot(host=host, index=int(m.name.rsplit("-", 1)[1]), holder=holder_of(m),
                 lease_name=m.name, target=_target(host, ann),
                 unreachable_since=ann.get(contract.ANN_UNREACHABLE_SINCE, ""),
                 lease_uid=m.uid or "")
@@ -188,7 +198,7 @@ class Waiter:
 def _waiter(lease: client.V1Lease) -> Waiter:
     m = lease.metadata
     excluded = (m.annotations or {}).get(contract.ANN_EXCLUDED_HOSTS, "")
-    return Waiter(name=m.name, holder=_holder(m),
+    return Waiter(name=m.name, holder=holder_of(m),
                   created=m.creation_timestamp or dt.datetime.max.replace(tzinfo=dt.timezone.utc),
                   excluded=frozenset(x for x in excluded.split(",") if x),
                   version=m.resource_version or "",
