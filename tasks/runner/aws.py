@@ -14,7 +14,9 @@ alone (written to a private file once per process: botocore wants a path).
 """
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -54,6 +56,13 @@ def credentials(kube: Kube, namespace: str, name: str) -> dict[str, str]:
 
 
 _CA_FILES: dict[str, str] = {}
+
+
+@atexit.register
+def _remove_ca_files() -> None:
+    for path in _CA_FILES.values():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def ca_file(pem: str) -> str:

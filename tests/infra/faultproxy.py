@@ -19,6 +19,7 @@ in the order injected:
 from __future__ import annotations
 
 import base64
+import shutil
 import socket
 import struct
 import tempfile
@@ -73,6 +74,7 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
         self._pool.clear()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "FaultProxy":
         return self.start()
