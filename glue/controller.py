@@ -1,7 +1,8 @@
 """The watcher's wiring: watches fill the cache and queue builds; workers reconcile them.
 
-* Watches (``informer.Reflector``): TaskRuns (every namespace, or the
-  --watch-namespace list), mpc's PipelineRuns and sweep TaskRuns, the slot
+* Watches (``informer.Reflector``): TaskRuns and, for the look-ahead
+  (predict.py), other PipelineRuns (every namespace, or the --watch-namespace
+  list), mpc's PipelineRuns and sweep TaskRuns, the slot
   Leases and the dynamic hosts' Leases, all in the controller namespace. Handlers are cheap: they
   update ``store`` and queue the build a change concerns.
 * Workers take build uids from the queue and run ``Reconciler.reconcile``
@@ -24,7 +25,7 @@ from mpc.runner import kube as k
 from mpc.runner import vms
 from mpc.runner.kube import ApiError, Kube
 
-from . import detect, gc, objects
+from . import detect, gc, objects, predict
 from .config import Config
 from .informer import Reflector
 from .metrics import Metrics
@@ -64,6 +65,8 @@ class Controller:
             # show is gone, and every build is looked at once more
             if self.store.list_ended(kind, name, owns) and kind == "slots":
                 self.reconciler.wake(None)
+            if kind == "runs":
+                self.store.readopt()
             with self.store.lock:
                 uids = list(self.store.builds)
             for uid in uids:
@@ -77,8 +80,14 @@ class Controller:
     def start(self) -> "Controller":
         for wns in self.cfg.watch_namespaces or [None]:
             self._reflect(f"taskruns{'/' + wns if wns else ''}", k.taskruns(wns),
-                          self.on_taskrun, "builds", wanted=detect.may_be_build,
-                          owns=lambda b, wns=wns: wns is None or b.namespace == wns)
+                          self.on_taskrun, "builds", wanted=self._wanted_taskrun,
+                          owns=lambda b, wns=wns: (wns is None or b.namespace == wns)
+                          and not b.unborn)
+            # look-ahead (predict.py): the PipelineRuns that will create builds
+            self._reflect(f"pipelineruns-ahead{'/' + wns if wns else ''}", k.pipelineruns(wns),
+                          self.on_pipelinerun, "builds", wanted=predict.may_predict,
+                          owns=lambda b, wns=wns: (wns is None or b.namespace == wns)
+                          and b.unborn, selector=f"{c.LABEL_MANAGED}!={c.MANAGED_VALUE}")
         sweep = objects.ROLE_SWEEP
         self._reflect("pipelineruns", k.pipelineruns(self.ns), self.on_run, "runs",
                       owns=lambda r: r.role != sweep, selector=MANAGED)
@@ -131,26 +140,91 @@ class Controller:
         self.metrics.errors.labels(kind).inc()
 
     # --- event handlers (reflector threads; must be cheap) --------------------------------
+    def _wanted_taskrun(self, raw: bytes) -> bool:
+        """Decode a TaskRun event if it may be a build, or a child of a PipelineRun with a
+        build predicted and not seen yet (it may turn out not to be a build)."""
+        if detect.may_be_build(raw):
+            return True
+        owner = predict.pipelinerun_of(raw)
+        return owner is not None and self.store.has_unborn(owner)
+
     def on_taskrun(self, etype: str, tr: dict) -> None:
         self.metrics.watch_events.labels("taskrun").inc()
         uid = detect.meta(tr, "uid")
         if not uid:
             return
         if etype == "DELETED":
-            if self.store.mark_gone(uid) is not None:
-                self.queue.add(uid)
+            b = self.store.mark_gone(uid)
+            if b is not None:
+                self.queue.add(b.uid)
             return
-        known = self.store.build(uid)
         ours = detect.has_finalizer(tr)
-        if not ours and known is None and (detect.is_done(tr) or detect.deleting(tr)):
-            return  # a finished build without our finalizer is left alone
         platform = detect.build_platform(tr)
-        if platform is None and not ours and known is None:
+        key = self.store.key_for(tr, platform)
+        if key == uid and platform is not None:
+            # predicted for another platform than it asks for: a build of its own, and the
+            # host taken for the prediction goes back
+            stale = self.store.prediction_for(tr)
+            if stale is not None and self.store.never(stale.uid) is not None:
+                self.reconciler.log_prediction(stale, f"asks for {platform}")
+                self.queue.add(stale.uid)
+        known = self.store.build(key)
+        if platform is None and not ours and key != uid:
+            # the TaskRun a build was predicted for: once Tekton resolved its Task, it
+            # shows whether it is one; if not, the host taken for it goes back (cached
+            # below if only its runs knew the prediction, after a restart)
+            if not detect.resolved(tr):
+                return
+            if known is not None and known.unborn:
+                if self.store.never(key) is not None:
+                    self.reconciler.log_prediction(known, "not a build")
+                    self.queue.add(key)
+                return
+        if not ours and known is None and (detect.is_done(tr) or detect.deleting(tr)) \
+                and key == uid:
+            return  # a finished build without our finalizer is left alone
+        if platform is None and not ours and known is None and key == uid:
             return  # not a build: the common case, nothing stored
         before = known.view() if known is not None else None
         if self.store.put_taskrun(tr, platform, time.time()).view() != before:
-            self.queue.add(uid)     # else nothing a decision reads changed: Tekton's status
+            self.queue.add(key)     # else nothing a decision reads changed: Tekton's status
                                     # updates, the echo of our own write stored from its answer
+
+    def on_pipelinerun(self, etype: str, pr: dict) -> None:
+        """A PipelineRun outside mpc's own: predict the builds it will create (the pool's
+        ``lookAhead``), and give back what was taken for those it will not create."""
+        self.metrics.watch_events.labels("pipelinerun-ahead").inc()
+        uid = detect.meta(pr, "uid")
+        if not uid:
+            return
+        known = self.store.predicted_by(uid)
+        for b in known:
+            why = predict.never_created(None if etype == "DELETED" else pr, b.name,
+                                        b.pipeline_task)
+            if b.unborn and why is None:
+                self.store.seen(b.uid)          # still to come: not missing from a relist
+            elif b.unborn and self.store.never(b.uid) is not None:
+                self.reconciler.log_prediction(b, why)
+                self.queue.add(b.uid)
+        if etype == "DELETED":
+            return
+        try:
+            pool, _ = self.pool.get()
+        except ApiError:
+            return          # no prediction now: the build is provisioned when it appears
+        if pool is None:
+            return
+        remote = set(pool.platforms) - set(pool.local_platforms)
+        for child in predict.children(pr, remote):
+            # a prediction made before (its runs say so) is kept, even with lookAhead off now
+            if not pool.look_ahead and not self.store.has_runs(
+                    c.predicted_uid(uid, child.name)):
+                continue
+            b = self.store.put_prediction(pr, child, time.time())
+            if b is not None:
+                self.metrics.predictions.labels(self.metrics.platform(b.platform)).inc()
+                self.reconciler.log_prediction(b, None)
+                self.queue.add(b.uid)
 
     def on_run(self, etype: str, obj: dict) -> None:
         self.metrics.watch_events.labels("pipelinerun").inc()

@@ -27,6 +27,11 @@ def platform_of(tr: dict) -> str | None:
     return None
 
 
+def resolved(tr: dict) -> bool:
+    """Whether the TaskRun's Task is known: inline, or resolved by Tekton into its status."""
+    return bool(_task_spec(tr))
+
+
 def mounts_build_secret(tr: dict) -> bool:
     for v in _task_spec(tr).get("volumes") or ():
         if not isinstance(v, dict):

@@ -140,6 +140,12 @@ class Metrics:
                                       ["platform"], registry=r)
         self.reconciles = Counter(f"{PREFIX}_reconciles", "Reconciles by outcome", ["outcome"],
                                   registry=r)
+        self.predictions = Counter(f"{PREFIX}_builds_predicted", "Builds provisioned before "
+                                   "their TaskRun existed, predicted from the PipelineRun "
+                                   "(the pool's lookAhead)", ["platform"], registry=r)
+        self.predictions_unused = Counter(f"{PREFIX}_builds_predicted_unused", "Predicted "
+                                          "builds the PipelineRun did not create as builds "
+                                          "(their host given back)", ["platform"], registry=r)
         self.runs_remade = Counter(f"{PREFIX}_runs_remade", "Runs Tekton could not resolve "
                                    "(bundle registry or API server unreachable), made again",
                                    ["role", "platform"], registry=r)

@@ -63,11 +63,16 @@ def provision_timeouts(max_wait_seconds: int) -> dict:
 
 def _build_run(run: str, role: str, pipeline: str, controller_ns: str, sa: str,
                namespace: str, name: str, uid: str, platform: str | None,
-               params: dict[str, str], bundle: str | None, attempt: int = 1, **spec) -> dict:
-    """A PipelineRun of one of mpc's Pipelines for one build, labelled with the build."""
+               params: dict[str, str], bundle: str | None, attempt: int = 1,
+               owner: str = "", **spec) -> dict:
+    """A PipelineRun of one of mpc's Pipelines for one build, labelled with the build
+    (``owner``: the PipelineRun of a build provisioned before its TaskRun exists)."""
     ann = {c.ANN_TASKRUN_NAME: name}
     if platform:
         ann[c.ANN_PLATFORM] = platform
+    if owner:
+        ann[c.ANN_PIPELINERUN] = owner
+        params = {**params, c.OWNER_PARAM: owner}
     if attempt > 1:
         ann[c.ANN_ATTEMPT] = str(attempt)
     return {
@@ -82,24 +87,24 @@ def _build_run(run: str, role: str, pipeline: str, controller_ns: str, sa: str,
 
 def provision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
                   platform: str, bundle: str | None = None, max_wait_seconds: int = 3600,
-                  attempt: int = 1) -> dict:
+                  attempt: int = 1, owner: str = "") -> dict:
     return _build_run(
         c.provision_run_name(uid), ROLE_PROVISION, c.PROVISION_PIPELINE, controller_ns, sa,
         namespace, name, uid, platform,
         dict(zip(c.PIPELINE_PARAMS, (name, namespace, uid, platform))), bundle, attempt,
-        timeouts=provision_timeouts(max_wait_seconds))
+        owner, timeouts=provision_timeouts(max_wait_seconds))
 
 
 def provision_failed_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
                          platform: str, failed_run: str, status: str,
-                         bundle: str | None = None, attempt: int = 1) -> dict:
+                         bundle: str | None = None, attempt: int = 1, owner: str = "") -> dict:
     """Answers a build whose provisioning run ended without success: its error secret,
     unless an answer exists (a cancelled run never runs its error-secret finally)."""
     params = dict(zip(c.PIPELINE_PARAMS, (name, namespace, uid, platform)))
     params.update(PIPELINERUN=failed_run, PROVISION_STATUS=status)
     return _build_run(
         c.provision_failed_run_name(uid), ROLE_PROVISION_FAILED, c.PROVISION_FAILED_PIPELINE,
-        controller_ns, sa, namespace, name, uid, platform, params, bundle, attempt)
+        controller_ns, sa, namespace, name, uid, platform, params, bundle, attempt, owner)
 
 
 def deprovision_run(controller_ns: str, sa: str, namespace: str, name: str, uid: str,
@@ -127,19 +132,19 @@ def sweep_run(controller_ns: str, sa: str, bucket: int, bundle: str | None = Non
 
 
 def event(namespace: str, name: str, uid: str, reason: str, message: str, warning: bool,
-          instance: str) -> dict:
-    """A core/v1 Event on the build TaskRun.
+          instance: str, kind: str = "TaskRun", key: str = "") -> dict:
+    """A core/v1 Event on the build TaskRun (or on the PipelineRun that will create it).
 
     The name is derived from the TaskRun uid and the reason, so a restarted
     watcher repeating a decision hits AlreadyExists instead of a duplicate.
     """
-    digest = hashlib.sha256(f"{uid}\0{reason}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{key or uid}\0{reason}".encode()).hexdigest()[:16]
     ts = now_rfc3339()
     return {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"name": f"{name[:200].rstrip('-.')}.{digest}", "namespace": namespace,
                      "labels": {c.LABEL_MANAGED: c.MANAGED_VALUE}},
-        "involvedObject": {"apiVersion": "tekton.dev/v1", "kind": "TaskRun",
+        "involvedObject": {"apiVersion": "tekton.dev/v1", "kind": kind,
                            "namespace": namespace, "name": name, "uid": uid},
         "reason": reason, "message": message[:1000],
         "type": "Warning" if warning else "Normal",

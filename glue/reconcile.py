@@ -67,9 +67,13 @@ class Reconciler:
     def _event(self, b: Build, reason: str, message: str, warning: bool) -> None:
         if reason in b.reported:
             return
+        # a build whose TaskRun does not exist yet: on the PipelineRun that will create it
+        on = ((b.owner, b.owner_uid, f"{b.name}: {message}", "PipelineRun") if b.unborn
+              else (b.name, b.uid, message, "TaskRun"))
         try:
             self.kube.create(k.events(b.namespace), objects.event(
-                b.namespace, b.name, b.uid, reason, message, warning, self.cfg.instance))
+                b.namespace, on[0], on[1], reason, on[2], warning, self.cfg.instance,
+                kind=on[3], key=b.uid))
         except ApiError as e:
             # Events are best effort: never block a decision on them.
             self.metrics.errors.labels("event").inc()
@@ -88,7 +92,7 @@ class Reconciler:
         b = self.store.build(uid)
         if b is None:
             return
-        if b.gone or (not b.ours and b.finished):
+        if (b.gone and not b.held) or (not b.ours and b.finished):
             self.collect_runs(uid)
             self.store.forget(uid)
             return
@@ -96,7 +100,7 @@ class Reconciler:
             self._release(b)
         elif b.platform is None:
             self.store.forget(uid)
-        elif b.ours:
+        elif b.unborn or c.FINALIZER in b.finalizers:
             self._provision(b)
         else:
             tr = self.kube.json_patch(k.taskruns(b.namespace, b.name),
@@ -125,7 +129,7 @@ class Reconciler:
             if attempt and self._create_run(objects.provision_failed_run(
                     self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid,
                     b.platform, run.name, reason, bundle=self.cfg.pipeline_bundle,
-                    attempt=attempt)):
+                    attempt=attempt, owner=self._owner(b))):
                 self._decision("provisioning failed; error-secret run created", b,
                                run=b.failed_run, reason=reason)
             self._event(b, "ProvisioningFailed", f"PipelineRun {self.ns}/{run.name} failed "
@@ -181,7 +185,7 @@ class Reconciler:
             if attempt and self._create_run(objects.provision_failed_run(
                     self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid,
                     b.platform, "", c.PROVISION_STATUS_QUEUE_TIMEOUT,
-                    bundle=self.cfg.pipeline_bundle, attempt=attempt)):
+                    bundle=self.cfg.pipeline_bundle, attempt=attempt, owner=self._owner(b))):
                 self.metrics.queue_timeouts.labels(p).inc()
                 self._decision("waited past maxWaitSeconds; error-secret run created", b)
             self._event(b, "QueueTimeout", f"No {b.platform} host became free within the host "
@@ -196,7 +200,8 @@ class Reconciler:
             return
         created = self._create_run(objects.provision_run(
             self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid, b.platform,
-            bundle=self.cfg.pipeline_bundle, max_wait_seconds=max_wait, attempt=attempt))
+            bundle=self.cfg.pipeline_bundle, max_wait_seconds=max_wait, attempt=attempt,
+            owner=self._owner(b)))
         self._step("provision-created")
         if created is not None:
             self.metrics.runs_started.labels(objects.ROLE_PROVISION, p).inc()
@@ -216,6 +221,19 @@ class Reconciler:
             self._event(b, "NamespaceNotAllowed",
                         f"{why}; the build gets an error secret instead of a host", warning=True)
         self.wake(b.platform)       # room for more? the next waiting build looks now
+
+    @staticmethod
+    def _owner(b: Build) -> str:
+        """The PipelineRun the Tasks check a predicted build's life by ("" for others)."""
+        return b.owner if b.predicted else ""
+
+    def log_prediction(self, b: Build, never: str | None) -> None:
+        """A build predicted from its PipelineRun, or (``never``: why) one it will not create."""
+        if never is None:
+            self._decision("build predicted", b, pipelineRun=b.owner, pipelineTask=b.pipeline_task)
+        else:
+            self.metrics.predictions_unused.labels(self.metrics.platform(b.platform)).inc()
+            self._decision("predicted build will not come", b, pipelineRun=b.owner, why=never)
 
     def _pool(self) -> tuple[hostpool.Pool | None, list[str]]:
         try:
@@ -279,9 +297,14 @@ class Reconciler:
                                                  self.metrics.platform(b.platform)).inc()
                 self._decision("deprovisioning run created", b, run=run)
             if not b.deleting:
-                self._event(b, "Deprovisioning", f"Build finished; started PipelineRun "
-                            f"{self.ns}/{run} to release its host", warning=False)
-        if b.ours:
+                why = ("The PipelineRun will not create this build" if b.unborn else
+                       "Not a build after all" if b.platform is None else "Build finished")
+                self._event(b, "Deprovisioning", f"{why}; started PipelineRun {self.ns}/{run} "
+                            "to release its host", warning=False)
+        if b.held:
+            self.store.release_hold(b.uid)
+            self._decision("predicted build released", b, unborn=b.unborn)
+        if c.FINALIZER in b.finalizers:
             try:
                 tr = self.kube.json_patch(k.taskruns(b.namespace, b.name),
                                           objects.finalizer_remove_patch(b.patch_target()))

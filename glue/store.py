@@ -5,7 +5,9 @@ discipline): a build costs the writes it must make, not a read per event.
 Three kinds of objects are kept, each as a small view of the object:
 
 * ``Build``: a build TaskRun (one that asks for a platform, or holds our
-  finalizer), keyed by uid. TaskRuns that are not builds are not kept.
+  finalizer), keyed by uid; or one a running PipelineRun will create
+  (``predict.py``), keyed by ``contract.predicted_uid`` before and after its
+  TaskRun exists. TaskRuns that are not builds are not kept.
 * ``Run``: one of mpc's PipelineRuns in the controller namespace, by name.
 * ``SlotLease``: a host slot Lease the provisioning Tasks took, by name (the
   watcher admits builds only while their platform has free slots).
@@ -68,6 +70,15 @@ class Build:
     failed_run: str = ""
     remake: dict = field(default_factory=dict)   # run name -> (attempt, not before): an
                                                  # unresolved run deleted, to be made again
+    # look-ahead (predict.py): a build provisioned before its TaskRun existed is keyed by
+    # contract.predicted_uid(owner_uid, name), not by the TaskRun's own uid
+    owner: str = ""                      # the PipelineRun that makes (made) the TaskRun
+    owner_uid: str = ""
+    pipeline_task: str = ""
+    unborn: bool = False                 # predicted, its TaskRun not seen yet
+    taskrun_uid: str = ""                # a predicted build's TaskRun, once seen
+    held: bool = False                   # predicted and not released yet: ours even
+                                         # without a finalizer (it may never get one)
 
     def __post_init__(self) -> None:
         self.provision_run = c.provision_run_name(self.uid)
@@ -76,11 +87,15 @@ class Build:
     def view(self) -> tuple:
         """What a decision reads of the TaskRun (its resourceVersion aside)."""
         return (self.platform, self.created, self.finalizers, self.deleting, self.done,
-                self.gone)
+                self.gone, self.unborn)
 
     @property
     def ours(self) -> bool:
-        return c.FINALIZER in self.finalizers
+        return c.FINALIZER in self.finalizers or self.held
+
+    @property
+    def predicted(self) -> bool:
+        return bool(self.owner_uid) and self.uid == c.predicted_uid(self.owner_uid, self.name)
 
     @property
     def finished(self) -> bool:
@@ -138,6 +153,10 @@ class Store:
         self._by_class: dict[tuple, set] = {}   # (platform, class) -> build uids
         self._line: dict[str, list] = {}        # platform -> sorted (created, uid) waiting
         self._created: dict[str, str] = {}      # waiting build uid -> its key's created
+        self._alias: dict[str, str] = {}        # TaskRun uid -> its predicted build's key
+        self._named: dict[tuple, str] = {}      # (namespace, TaskRun name) -> build key
+        self._predicted: dict[str, set] = {}    # PipelineRun uid -> keys predicted from it
+        self._unborn: dict[str, int] = {}       # PipelineRun name -> builds not seen yet
 
     # --- the admission index ------------------------------------------------------
     def _classify(self, uid: str) -> None:
@@ -184,15 +203,147 @@ class Store:
                 self._by_class.get((platform, IN_FLIGHT), set()))
 
     # --- builds -------------------------------------------------------------------
-    def put_taskrun(self, tr: dict, platform: str | None, now: float) -> Build:
+    def has_runs(self, uid: str) -> bool:
+        return any(n in self.runs for n in (c.provision_run_name(uid),
+                                            c.provision_failed_run_name(uid),
+                                            c.deprovision_run_name(uid)))
+
+    def key_for(self, tr: dict, platform: str | None = None) -> str:
+        """The key of TaskRun ``tr``'s build: its uid, or the look-ahead key of the build
+        predicted for it (``predicted_uid`` of the PipelineRun that made it and its name)
+        when that prediction is cached or has runs (after a restart) and asked for the
+        same platform."""
+        md = tr.get("metadata") or {}
+        uid = md.get("uid", "")
+        with self.lock:
+            if uid in self._alias:
+                return self._alias[uid]
+            for ref in md.get("ownerReferences") or ():
+                if ref.get("kind") != "PipelineRun":
+                    continue
+                key = c.predicted_uid(str(ref.get("uid", "")), md.get("name", ""))
+                p = self.builds.get(key)
+                if (p is not None and (platform is None or p.platform in (None, platform))) \
+                        or (p is None and self.has_runs(key)):
+                    return key
+        return uid
+
+    def put_prediction(self, pr: dict, child, now: float) -> Build | None:
+        """Cache build ``child`` (``predict.Child``) that PipelineRun ``pr`` will create;
+        the new Build, or None if it is known (predicted before, or its TaskRun is)."""
+        md = pr.get("metadata") or {}
+        ns, owner_uid = md.get("namespace", ""), md.get("uid", "")
+        key = c.predicted_uid(owner_uid, child.name)
+        with self.lock:
+            self._seen("builds", key)
+            if key in self.builds or (ns, child.name) in self._named:
+                return None
+            b = self.builds[key] = Build(
+                ns, child.name, key, platform=child.platform,
+                created=md.get("creationTimestamp") or "", first_seen=now,
+                owner=md.get("name", ""), owner_uid=owner_uid,
+                pipeline_task=child.pipeline_task, unborn=True, held=True)
+            self._named[(ns, child.name)] = key
+            self._predicted.setdefault(owner_uid, set()).add(key)
+            self._count_unborn(b.owner, 1)
+            self._classify(key)
+            return b
+
+    def _count_unborn(self, owner: str, delta: int) -> None:
+        n = self._unborn.get(owner, 0) + delta
+        if n > 0:
+            self._unborn[owner] = n
+        else:
+            self._unborn.pop(owner, None)
+
+    def readopt(self) -> None:
+        """After the runs are listed: a TaskRun cached under its own uid (listed before
+        the runs) whose predicted key has runs is that predicted build (a restart)."""
+        with self.lock:
+            for b in [b for b in self.builds.values() if b.owner_uid and not b.predicted]:
+                key = c.predicted_uid(b.owner_uid, b.name)
+                if key in self.builds or not self.has_runs(key) or self.has_runs(b.uid):
+                    continue
+                del self.builds[b.uid]
+                self._alias[b.uid] = key
+                self.builds[key] = replace(b, uid=key, taskrun_uid=b.uid,
+                                           held=c.deprovision_run_name(key) not in self.runs)
+                self._named[(b.namespace, b.name)] = key
+                self._predicted.setdefault(b.owner_uid, set()).add(key)
+                self._classify(b.uid)
+                self._classify(key)
+
+    def predicted_by(self, owner_uid: str) -> list[Build]:
+        """The cached builds PipelineRun ``owner_uid`` was predicted to create."""
+        with self.lock:
+            return [self.builds[k] for k in self._predicted.get(owner_uid, ()) if k in self.builds]
+
+    def prediction_for(self, tr: dict) -> Build | None:
+        """The build still unseen that was predicted for TaskRun ``tr``'s name by the
+        PipelineRun that made it (whatever platform it asks for)."""
         md = tr.get("metadata") or {}
         with self.lock:
-            b = self.builds.get(md["uid"])
+            for ref in md.get("ownerReferences") or ():
+                b = self.builds.get(c.predicted_uid(str(ref.get("uid", "")), md.get("name", "")))
+                if b is not None and b.unborn:
+                    return b
+        return None
+
+    def seen(self, uid: str) -> None:
+        with self.lock:
+            self._seen("builds", uid)
+
+    def never(self, uid: str) -> Build | None:
+        """A predicted build whose TaskRun will not come (or came and is not a build): done."""
+        with self.lock:
+            b = self.builds.get(uid)
+            if b is not None and b.unborn and not b.done:
+                b.done = True
+                self._classify(uid)
+                return b
+            return None
+
+    def release_hold(self, uid: str) -> None:
+        """A predicted build is released: ours only while it holds our finalizer; one whose
+        TaskRun never came is gone."""
+        with self.lock:
+            b = self.builds.get(uid)
+            if b is not None:
+                b.held = False
+                b.gone = b.gone or b.unborn
+                self._classify(uid)
+
+    def has_unborn(self, owner: str) -> bool:
+        """Whether PipelineRun ``owner`` (a name) has builds predicted and not seen yet."""
+        return owner in self._unborn
+
+    def put_taskrun(self, tr: dict, platform: str | None, now: float) -> Build:
+        md = tr.get("metadata") or {}
+        key = self.key_for(tr, platform)
+        with self.lock:
+            b = self.builds.get(key)
             if b is None:
-                b = self.builds[md["uid"]] = Build(md.get("namespace", ""), md.get("name", ""),
-                                                   md["uid"], first_seen=now)
+                b = self.builds[key] = Build(md.get("namespace", ""), md.get("name", ""),
+                                             key, first_seen=now)
+                if key != md["uid"]:        # a prediction known by its runs (a restart)
+                    ref = next(r for r in md.get("ownerReferences") or ()
+                               if c.predicted_uid(str(r.get("uid", "")), b.name) == key)
+                    b.owner, b.owner_uid = ref.get("name", ""), ref.get("uid", "")
+                    b.held = c.deprovision_run_name(key) not in self.runs
             elif _rv(tr) and b.resource_version.isdigit() and _rv(tr) < int(b.resource_version):
                 return b        # an older version than one we already stored
+            if key != md["uid"]:
+                self._alias[md["uid"]] = key
+                b.taskrun_uid = md["uid"]
+                self._predicted.setdefault(b.owner_uid, set()).add(key)
+                if b.unborn:
+                    b.unborn = False
+                    self._count_unborn(b.owner, -1)
+            elif not b.owner_uid:
+                ref = next((r for r in md.get("ownerReferences") or ()
+                            if r.get("kind") == "PipelineRun" and r.get("controller")), {})
+                b.owner, b.owner_uid = ref.get("name", ""), ref.get("uid", "")
+            self._named[(b.namespace, b.name)] = key
             b.platform = platform or b.platform
             b.created = md.get("creationTimestamp") or b.created
             b.resource_version = md.get("resourceVersion", "")
@@ -206,10 +357,12 @@ class Store:
 
     def build(self, uid: str) -> Build | None:
         with self.lock:
-            return self.builds.get(uid)
+            return self.builds.get(self._alias.get(uid, uid))
 
     def mark_gone(self, uid: str) -> Build | None:
+        """The TaskRun ``uid`` (or the build keyed so) is gone."""
         with self.lock:
+            uid = self._alias.get(uid, uid)
             b = self.builds.get(uid)
             if b is not None:
                 b.gone = True
@@ -218,7 +371,18 @@ class Store:
 
     def forget(self, uid: str) -> None:
         with self.lock:
-            self.builds.pop(uid, None)
+            b = self.builds.pop(uid, None)
+            if b is not None:
+                if self._named.get((b.namespace, b.name)) == uid:
+                    del self._named[(b.namespace, b.name)]
+                self._alias.pop(b.taskrun_uid, None)
+                keys = self._predicted.get(b.owner_uid)
+                if keys is not None:
+                    keys.discard(uid)
+                    if not keys:
+                        del self._predicted[b.owner_uid]
+                if b.unborn:
+                    self._count_unborn(b.owner, -1)
             self._classify(uid)
 
     # --- runs -------------------------------------------------------------------
@@ -318,7 +482,10 @@ class Store:
             missing = [k for k, v in table.items() if k not in seen and owns(v)]
             for k in missing:
                 if kind == "builds":
-                    table[k].gone = True
+                    if table[k].unborn:     # its PipelineRun is gone: never created
+                        table[k].done = True
+                    else:
+                        table[k].gone = True
                     self._classify(k)
                 elif kind == "slots":
                     self._unhold(table.pop(k))

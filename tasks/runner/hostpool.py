@@ -127,6 +127,7 @@ class Pool:
     instance_tag: str | None = None
     additional_instance_tags: tuple[tuple[str, str], ...] = ()
     layer_cache: tuple[str, ...] = ()   # regular expressions of namespaces with a layer cache
+    look_ahead: bool = False    # provision builds a PipelineRun will create (glue/predict.py)
 
     def dynamic_for(self, platform: str) -> Dynamic | None:
         return next((d for d in self.dynamic if d.platform == platform), None)
@@ -283,7 +284,8 @@ def from_document(doc: Any) -> Pool:
                 dynamic=tuple(_dynamic(d) for d in doc.get("dynamic", ())),
                 instance_tag=doc.get("instanceTag"),
                 additional_instance_tags=tuple(sorted(doc.get("additionalInstanceTags", {}).items())),
-                layer_cache=tuple((doc.get("layerCache") or {}).get("namespaces", ())))
+                layer_cache=tuple((doc.get("layerCache") or {}).get("namespaces", ())),
+                look_ahead=doc.get("lookAhead", False))
 
 
 def parse_yaml(text: str) -> Pool:

@@ -70,7 +70,7 @@ def taskrun(name: str, platform: str, image: str) -> dict:
 
 class Events:
     """First arrival (uptime) of each named object's states: runs and their TaskRuns in
-    ``mpc``, build secrets."""
+    ``mpc``, build secrets and TaskRuns."""
 
     def __init__(self, inst: Install, build_ns: str):
         self.seen: dict[tuple[str, str], float] = {}
@@ -84,7 +84,9 @@ class Events:
             threading.Thread(target=self._run, daemon=True, args=(
                 co.list_namespaced_custom_object, ("tekton.dev", "v1", NS, "taskruns"))),
             threading.Thread(target=self._run, daemon=True, args=(
-                core.list_namespaced_secret, (build_ns,)))]
+                core.list_namespaced_secret, (build_ns,))),
+            threading.Thread(target=self._run, daemon=True, args=(
+                co.list_namespaced_custom_object, ("tekton.dev", "v1", build_ns, "taskruns")))]
         for t in self._threads:
             t.start()
 
@@ -229,3 +231,82 @@ def test_runner_step_as_command_vs_script(mpc, e2e_namespace):  # noqa: F811
           f"load average {' '.join(load)}):")
     for kind, v in took.items():
         print(f"  as a {kind:7s} p50 {statistics.median(v):5.2f} s  p95 {pct(v, .95):5.2f} s")
+
+
+PREP_SECONDS = int(os.environ.get("MPC_BENCH_PREP_SECONDS", "15"))
+
+
+def pipelinerun(name: str, platform: str, image: str) -> dict:
+    """``prep`` (a task before the build, like a clone) then ``build``: the Task above."""
+    build = taskrun("x", platform, image)["spec"]["taskSpec"]
+    build["volumes"][0]["secret"]["secretName"] = c.SECRET_PREFIX + "$(context.taskRun.name)"
+    return {"apiVersion": "tekton.dev/v1", "kind": "PipelineRun", "metadata": {"name": name},
+            "spec": {"pipelineSpec": {"tasks": [
+                {"name": "prep", "taskSpec": {"steps": [{
+                    "name": "prep", "image": image,
+                    "computeResources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+                    "script": f"#!/bin/sh\nsleep {PREP_SECONDS}\n"}]}},
+                {"name": "build", "runAfter": ["prep"], "taskSpec": build,
+                 "params": [{"name": c.PLATFORM_PARAM, "value": platform}]}]}}}
+
+
+def run_pipeline(inst: Install, ns: str, name: str, platform: str, image: str,
+                 ev: "Events") -> dict:
+    child = f"{name}-build"
+    if not platform:     # local: the secret is there before the TaskRun
+        client.CoreV1Api(inst.kube).create_namespaced_secret(ns, client.V1Secret(
+            metadata=client.V1ObjectMeta(name=c.secret_name(child)),
+            string_data={c.KEY_HOST: c.LOCALHOST}))
+    _co(inst.kube).create_namespaced_custom_object("tekton.dev", "v1", ns, "pipelineruns",
+                                                   pipelinerun(name, platform, image))
+    pr = wait_done(inst, ns, "pipelineruns", name)
+    assert _cond(pr).get("status") == "True", (name, _cond(pr))
+    tr = get(inst, ns, "taskruns", child)
+    started = float({r["name"]: r["value"] for r in tr["status"]["results"]}["started"])
+    created = ev.seen[(child, "created")]
+    secret = ev.seen.get((c.secret_name(child), "created"), float("nan"))
+    return {"step": started - created, "secret_before": secret - created}
+
+
+@pytest.mark.timeout(3600)
+def test_time_to_build_step_look_ahead(mpc, e2e_namespace):  # noqa: F811
+    """Goal 1 with the pool's ``lookAhead``: the build is the second task of a PipelineRun
+    (after ``prep``, MPC_BENCH_PREP_SECONDS), provisioned from the PipelineRun's start;
+    build TaskRun created -> step running, next to the same PipelineRun with a local build
+    (secret written before), interleaved."""
+    from tests.e2e.install import pool_setting
+    inst, ns = mpc, e2e_namespace
+    image = inst.builder_image
+    ev = Events(inst, ns)
+    remote, local = [], []
+    try:
+        with pool_setting(inst, "lookAhead", True):
+            for i in range(BUILDS + 1):
+                tag = uuid.uuid4().hex[:5]
+                wait_for("the hosts free", lambda: host_free(inst), interval=0.3)
+                r = run_pipeline(inst, ns, f"ahead-{i}-{tag}", PLATFORM, image, ev)
+                l = run_pipeline(inst, ns, f"local-{i}-{tag}", "", image, ev)
+                if i == 0:
+                    continue
+                remote.append(r)
+                local.append(l)
+                print(f"build {i}: remote {r['step']:.2f} s (secret {-r['secret_before']:.2f} s "
+                      f"before the TaskRun); local {l['step']:.2f} s", flush=True)
+    finally:
+        ev.stop()
+    assert len(remote) == len(local) == BUILDS
+
+    def fig(rows, key, sign=1):
+        v = [sign * x[key] for x in rows]
+        return f"p50 {statistics.median(v):5.2f} s  p95 {pct(v, .95):5.2f} s"
+    load = open("/proc/loadavg").read().split()[:3]
+    print(f"\nFIGURES time to build step with lookAhead (build TaskRun created -> step "
+          f"running, the build after a {PREP_SECONDS} s task), {BUILDS} builds each, load "
+          f"average {' '.join(load)}:")
+    print(f"  remote (mpc, predicted)         {fig(remote, 'step')}")
+    print(f"  local (same Task, secret there) {fig(local, 'step')}")
+    gap = (statistics.median(x['step'] for x in remote)
+           - statistics.median(x['step'] for x in local))
+    print(f"  remote - local                  p50 {gap:5.2f} s (target <= 2 s)")
+    print(f"  secret written before the build TaskRun: {fig(remote, 'secret_before', -1)}; "
+          f"{sum(x['secret_before'] < 0 for x in remote)} of {BUILDS} before it")

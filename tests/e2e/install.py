@@ -283,6 +283,26 @@ def watcher_flag(inst: Install, flag: str, value: str) -> Iterator[None]:
         wait_for("the watcher rolled back", lambda: rolled_out(apps, coord))
 
 
+POOL_CACHE_SECONDS = 16         # the watcher reads the pool again after 15 s (PoolReader)
+
+
+@contextmanager
+def pool_setting(inst: Install, key: str, value) -> Iterator[None]:
+    """The installed host pool with top-level ``key: value`` (``lookAhead``, True), seen by
+    the watcher; put back as it was after."""
+    core = client.CoreV1Api(inst.kube)
+    before = core.read_namespaced_config_map(c.HOST_POOL_CONFIGMAP, NS).data[c.POOL_KEY]
+
+    def write(text: str) -> None:
+        core.patch_namespaced_config_map(c.HOST_POOL_CONFIGMAP, NS, {"data": {c.POOL_KEY: text}})
+        time.sleep(POOL_CACHE_SECONDS)
+    write(yaml.safe_dump(yaml.safe_load(before) | {key: value}))
+    try:
+        yield
+    finally:
+        write(before)
+
+
 # --- reading runs and secrets -----------------------------------------------------------
 
 def get(inst: Install, ns: str, plural: str, name: str) -> dict | None:
