@@ -121,14 +121,21 @@ def _ours(tekton, ctrl_ns: str) -> dict[str, dict]:
     return {p["metadata"]["name"]: p for p in tekton.list_pr(ctrl_ns)}
 
 
-def test_a_predicted_build_is_provisioned_before_its_taskrun_and_is_that_build(
-        tekton, watcher, namespace, ctrl_ns, kube):
+def _predicted(tekton, watcher, namespace, ctrl_ns, kube):
+    """A watcher with lookAhead, a PipelineRun "app" whose build is still to come, and
+    the provisioning run of its prediction: (watcher, PipelineRun, predicted key)."""
     _pool(kube, ctrl_ns)
     w = watcher().start().wait_ready()
     pr = _pipelinerun(kube, namespace, "app")
     key = c.predicted_uid(pr["metadata"]["uid"], "app-build")
     wait_for("provisioning run before the build TaskRun",
              lambda: tekton.get_pr(ctrl_ns, c.provision_run_name(key)), timeout=30, log=w.log)
+    return w, pr, key
+
+
+def test_a_predicted_build_is_provisioned_before_its_taskrun_and_is_that_build(
+        tekton, watcher, namespace, ctrl_ns, kube):
+    w, pr, key = _predicted(tekton, watcher, namespace, ctrl_ns, kube)
     prov = tekton.get_pr(ctrl_ns, c.provision_run_name(key))
     assert _params(prov) == {"TASKRUN_NAME": "app-build", "TASKRUN_NAMESPACE": namespace,
                              "TASKRUN_UID": key, "PLATFORM": PLATFORM,
@@ -156,12 +163,7 @@ def test_a_predicted_build_is_provisioned_before_its_taskrun_and_is_that_build(
                                  "task skipped", "not a build", "another platform"])
 def test_a_predicted_build_that_never_comes_gives_its_host_back(
         tekton, watcher, namespace, ctrl_ns, kube, end):
-    _pool(kube, ctrl_ns)
-    w = watcher().start().wait_ready()
-    pr = _pipelinerun(kube, namespace, "app")
-    key = c.predicted_uid(pr["metadata"]["uid"], "app-build")
-    wait_for("provisioning run", lambda: tekton.get_pr(ctrl_ns, c.provision_run_name(key)),
-             timeout=30, log=w.log)
+    w, pr, key = _predicted(tekton, watcher, namespace, ctrl_ns, kube)
     tekton.finish_pr(ctrl_ns, c.provision_run_name(key), ok=True)
     co = client.CustomObjectsApi(kube)
     if end == "pipelinerun cancelled":
@@ -205,12 +207,7 @@ def test_a_watcher_restarted_before_the_build_came_takes_it_for_the_predicted_on
     """The prediction lives in the API (its run, keyed by the predicted uid), not in the
     watcher's memory: a watcher that starts after the TaskRun came provisions nothing
     twice and releases the predicted build's host when it ends."""
-    _pool(kube, ctrl_ns)
-    w = watcher().start().wait_ready()
-    pr = _pipelinerun(kube, namespace, "app")
-    key = c.predicted_uid(pr["metadata"]["uid"], "app-build")
-    wait_for("provisioning run", lambda: tekton.get_pr(ctrl_ns, c.provision_run_name(key)),
-             timeout=30, log=w.log)
+    w, pr, key = _predicted(tekton, watcher, namespace, ctrl_ns, kube)
     w.kill()
     tekton.finish_pr(ctrl_ns, c.provision_run_name(key), ok=True)
     co = client.CustomObjectsApi(kube)

@@ -75,15 +75,20 @@ def secret_object(kube: client.ApiClient, build: dict) -> client.V1Secret:
                                                          m["namespace"])
 
 
-def test_predicted_build_is_served_before_its_taskrun_and_kept_once_it_exists(
-        controller, kube, namespace, make_host):
+def _to_come(controller, kube, namespace, make_host):
+    """A host, and a running PipelineRun whose build is still to come: (host, PipelineRun,
+    the build's TaskRun name, its reference)."""
     h = make_host()
     controller.install_pool([h], concurrency=1)
     pr = make_pipelinerun(kube, namespace)
     pr_status(kube, pr)
     name = f"{pr['metadata']['name']}-build"
-    build = predicted(pr, name)
+    return h, pr, name, predicted(pr, name)
 
+
+def test_predicted_build_is_served_before_its_taskrun_and_kept_once_it_exists(
+        controller, kube, namespace, make_host):
+    h, pr, name, build = _to_come(controller, kube, namespace, make_host)
     r = controller.provision(build, **owner_param(pr))
     assert r.results == {"outcome": "served", "host": h.name}, r.stdout
     user = read_secret(kube, build)["host"].split("@")[0]
@@ -123,12 +128,7 @@ def test_predicted_build_never_created_releases_its_slot_user_and_secret(
     """The PipelineRun never makes the build (cancelled before it, skipped it and
     ended, deleted), or made it and it was deleted, or a TaskRun of that name is not its
     child: the sweep frees the host. A finished-looking object is never needed."""
-    h = make_host()
-    controller.install_pool([h], concurrency=1)
-    pr = make_pipelinerun(kube, namespace)
-    pr_status(kube, pr)
-    name = f"{pr['metadata']['name']}-build"
-    build = predicted(pr, name)
+    h, pr, name, build = _to_come(controller, kube, namespace, make_host)
     assert controller.provision(build, **owner_param(pr)).results["outcome"] == "served"
     assert len(build_users(h)) == 1
     co = client.CustomObjectsApi(kube)
