@@ -212,8 +212,8 @@ class Controller:
             pool, _ = self.pool.get()
         except ApiError:
             return          # no prediction now: the build is provisioned when it appears
-        if pool is None:
-            return
+        if pool is None or not pool.namespace_allowed(detect.meta(pr, "namespace", "")):
+            return          # a namespace the pool refuses gets its answer when the build comes
         remote = set(pool.platforms) - set(pool.local_platforms)
         for child in predict.children(pr, remote):
             # a prediction made before (its runs say so) is kept, even with lookAhead off now

@@ -4,6 +4,8 @@ PipelineRun is going to create a build TaskRun, the TaskRun that comes is that s
 gives its host back. Tekton is played through the status subresource (test support)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
 from kubernetes import client
@@ -72,10 +74,10 @@ def test_the_owner_label_is_read_from_the_raw_taskrun():
     assert predict.pipelinerun_of(b'{"tekton.dev/pipelineRun":"a\\"b"}') is None
 
 
-def _pool(kube, ctrl_ns: str, look_ahead: bool = True) -> None:
+def _pool(kube, ctrl_ns: str, look_ahead: bool = True, **extra) -> None:
     doc = {"hosts": [{"name": "h1", "address": "192.0.2.1", "user": "admin",
                       "secret": "admin-key", "platform": PLATFORM, "concurrency": 2}],
-           "lookAhead": look_ahead}
+           "lookAhead": look_ahead, **extra}
     hostpool.parse_yaml(yaml.safe_dump(doc))
     client.CoreV1Api(kube).create_namespaced_config_map(ctrl_ns, client.V1ConfigMap(
         metadata=client.V1ObjectMeta(name=c.HOST_POOL_CONFIGMAP),
@@ -190,10 +192,21 @@ def test_a_predicted_build_that_never_comes_gives_its_host_back(
         assert not has_finalizer(tekton.get_tr(namespace, "app-build"))
 
 
-def test_no_look_ahead_unless_the_pool_asks_for_it(tekton, watcher, namespace, ctrl_ns, kube):
-    _pool(kube, ctrl_ns, look_ahead=False)
+@pytest.mark.parametrize("pool", [{"look_ahead": False}, {"allowedNamespaces": ["team-z"]}],
+                         ids=["lookAhead off", "namespace not allowed"])
+def test_no_look_ahead_unless_the_pool_asks_for_it(tekton, watcher, namespace, ctrl_ns, kube,
+                                                  pool):
+    """Without lookAhead, or for a namespace the pool refuses (its build gets the error
+    secret when it comes, as always), nothing is taken ahead of the TaskRun."""
+    _pool(kube, ctrl_ns, **pool)
     w = watcher().start().wait_ready()
     pr = _pipelinerun(kube, namespace, "app")
+    # the watcher has seen the running PipelineRun (its create and its status): and
+    # made nothing for it
+    wait_for("the PipelineRun seen", lambda: w.metric(
+        "mpc_glue_watch_events_total", resource="pipelinerun-ahead") >= 2, timeout=30, log=w.log)
+    time.sleep(1)
+    assert _ours(tekton, ctrl_ns) == {}
     tr = _child(tekton, pr)         # the build comes: provisioned as it always was
     uid = tr["metadata"]["uid"]
     wait_for("provisioning run", lambda: tekton.get_pr(ctrl_ns, c.provision_run_name(uid)),
