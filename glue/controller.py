@@ -49,6 +49,8 @@ class Controller:
         self.pool = PoolReader(kube, self.ns, cfg.pool_configmap)
         self.reconciler = Reconciler(kube, cfg, self.store, self.pool, self.metrics, self.queue)
         self.counted: set[str] = set()  # finished runs already counted in the metrics
+        self.stale: set = set()         # builds whose last write met a newer version (409):
+                                        # the watch event that brings it reconciles them
         self.started_wall = time.time()
         self._stop = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -189,6 +191,9 @@ class Controller:
         if self.store.put_taskrun(tr, platform, time.time()).view() != before:
             self.queue.add(key)     # else nothing a decision reads changed: Tekton's status
                                     # updates, the echo of our own write stored from its answer
+        elif key in self.stale:     # a write of ours conflicted: try again with this version
+            self.stale.discard(key)  # now, not only after the backoff (a TaskRun written
+            self.queue.add(key)      # all the time would outrun every backed-off retry)
 
     def on_pipelinerun(self, etype: str, pr: dict) -> None:
         """A PipelineRun outside mpc's own: predict the builds it will create (the pool's
@@ -317,9 +322,12 @@ class Controller:
                 else:
                     self.reconciler.reconcile(key)
                 self.queue.forget(key)
+                self.stale.discard(key)
                 self.metrics.reconciles.labels("ok").inc()
             except ApiError as e:
                 kind = "conflict" if e.conflict else f"api_{e.status}"
+                if e.conflict:
+                    self.stale.add(key)
                 self.metrics.errors.labels(kind).inc()
                 self.metrics.reconciles.labels("retry").inc()
                 delay = self.queue.retry(key)

@@ -188,8 +188,9 @@ def test_deprovisioning_a_cancelled_host_mode_build_kills_its_root_processes(
             return sorted(m[0] for p in h.processes()
                           if (m := re.search(r"sleep [0-9]+$", p[2]))
                           and (re.fullmatch(f"sleep {mark}[12]", m[0]) or m[0] == mark))
-        for mark in builds:
-            assert running(mark) == [f"sleep {mark}1", f"sleep {mark}2"], h.processes()
+        for mark in builds:     # (`touch started` comes just before the second sleep)
+            wait_for(f"build {mark}'s two root processes", lambda: running(mark) == [
+                f"sleep {mark}1", f"sleep {mark}2"], timeout=60, interval=0.2)
         assert all(p[1] == {0} for p in h.processes() if re.search(r"sleep 3[67]00[12]$", p[2]))
 
         # The first build is cancelled: its pod goes, with its ssh connections.
