@@ -146,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
         "controller namespace", default=d.sweep_bundle)
     add("--leader-elect", "MPC_GLUE_LEADER_ELECT",
         "run as one of several replicas: only the holder of the Lease --leader-lease in the "
-        "controller namespace works (see glue/leader.py)", default=d.leader_elect,
+        "controller namespace works (the official client's leader election, glue/leader.py)", default=d.leader_elect,
         type=lambda v: str(v).lower() in ("1", "true", "yes"), nargs="?", const=True)
     add("--leader-lease", "MPC_GLUE_LEADER_LEASE", "name of the leader election Lease",
         default=d.leader_lease)
@@ -178,6 +178,8 @@ def parse(argv: list[str] | None = None) -> Config:
         setattr(cfg, k, int(getattr(cfg, k)))
     if cfg.workers < 1:
         raise SystemExit("mpc-glue: --workers must be at least 1")
-    if cfg.leader_elect and not cfg.retry_period < cfg.renew_deadline < cfg.lease_duration:
-        raise SystemExit("mpc-glue: need --retry-period < --renew-deadline < --lease-duration")
+    if cfg.leader_elect and not (1 <= cfg.retry_period and 1.2 * cfg.retry_period
+                                 < cfg.renew_deadline < cfg.lease_duration):
+        raise SystemExit("mpc-glue: need 1s <= --retry-period, 1.2 x --retry-period < "
+                         "--renew-deadline < --lease-duration (whole seconds)")
     return cfg

@@ -38,3 +38,5 @@ def setup(level: str = "info") -> None:
     root.setLevel(level.upper())
     # urllib3 warnings about retries would be unstructured noise.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
+    # the client's leader election logs every attempt; glue/leader.py logs the changes
+    logging.getLogger("leaderelection").setLevel(logging.WARNING)

@@ -12,7 +12,7 @@ from mpc.runner.kube import Kube
 
 from . import config, logs
 from .controller import Controller
-from .leader import LeaderElector
+from .leader import Leader
 
 log = logging.getLogger("mpc.glue")
 
@@ -63,13 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     elector = None
     if cfg.leader_elect:
-        elector = LeaderElector(kube, cfg.namespace, cfg.leader_lease, cfg.instance,
-                                cfg.lease_duration, cfg.renew_deadline, cfg.retry_period)
+        elector = Leader(kube, cfg.namespace, cfg.leader_lease, cfg.instance,
+                         cfg.lease_duration, cfg.renew_deadline, cfg.retry_period)
         if not elector.acquire(stop):          # a standby is healthy and ready meanwhile
             srv.shutdown()
             return 0
-        threading.Thread(target=elector.renew_until_lost, args=(stop,), name="leader",
-                         daemon=True).start()
         threading.Thread(target=lambda: elector.lost.wait() and stop.set(), name="lost",
                          daemon=True).start()
     ctrl.start()

@@ -9,6 +9,7 @@ import yaml
 from kubernetes import client
 
 from mpc.runner import contract as c
+from tests.infra.faultproxy import FaultProxy
 from tests.infra.procs import wait_for
 
 from .support import build_taskrun
@@ -68,3 +69,31 @@ def test_a_standby_takes_over_when_the_leader_is_killed(cluster, kube, tekton, w
     # a clean stop hands the lease back at once
     assert ws[standby].stop() == 0
     assert _holder(kube, ctrl_ns) == ""
+
+
+def test_a_leader_that_cannot_renew_stops_and_a_standby_takes_over(
+        cluster, kube, watcher, ctrl_ns):
+    """The fault: the leader's renewals fail (503 from a proxy in front of the API server).
+    It must stop leading once --renew-deadline passed and exit (to restart as a
+    candidate), never keep working on a Lease it may have lost; the standby takes over."""
+    _install_rbac(cluster, kube, ctrl_ns, "-" + uuid.uuid4().hex[:6])
+    lease = next(d for d in render(cluster, DEPLOY) if d["kind"] == "Lease")
+    lease["metadata"]["namespace"] = ctrl_ns
+    kubectl(cluster, "apply", "-f", "-", input=yaml.safe_dump(lease))
+    kc = cluster.serviceaccount_kubeconfig(ctrl_ns, c.WATCHER_SERVICE_ACCOUNT)
+    timing = ("--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s")
+    with FaultProxy(kc) as proxy:
+        first = watcher("--leader-elect", *timing, "--instance", "cut-off",
+                        kubeconfig=proxy.kubeconfig).start()
+        wait_for("the first replica leads", lambda: _holder(kube, ctrl_ns) == "cut-off",
+                 timeout=30, log=first.log)
+        second = watcher("--leader-elect", *timing, "--instance", "standby",
+                         kubeconfig=kc).start()
+        second.wait_ready()
+        proxy.inject("503", times=10_000, when=lambda method, path, body:
+                     f"/leases/{LEASE}" in path)
+        assert first.wait_exit(timeout=30) == 1      # lost leadership: restart, never stale
+        wait_for("the standby leads", lambda: _holder(kube, ctrl_ns) == "standby",
+                 timeout=30, log=second.log)
+        assert "lost leadership" in first.log_text()
+        second.stop()
