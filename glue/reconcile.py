@@ -3,7 +3,7 @@
 For one build TaskRun (key: its uid), from ``store``:
 
   active build, no finalizer     -> add the finalizer (JSON patch guarded by resourceVersion)
-  active build, finalizer        -> once ``capacity`` admits it, ensure mpc-provision-<uid>
+  active build, finalizer        -> once ``admission`` admits it, ensure mpc-provision-<uid>
                                     (AlreadyExists = done); while its platform is full, wait in
                                     memory; past maxWaitSeconds start mpc-provision-failed
   provisioning run failed        -> start mpc-provision-failed (its error secret, unless one exists)
@@ -31,7 +31,7 @@ from mpc.runner import hostpool
 from mpc.runner import kube as k
 from mpc.runner.kube import ApiError, Kube
 
-from . import capacity, objects
+from . import admission, objects
 from .config import Config
 from .metrics import Metrics
 from .poolreader import PoolReader
@@ -52,7 +52,7 @@ class Reconciler:
         self.kube, self.cfg, self.store, self.pool = kube, cfg, store, pool
         self.metrics, self.queue = metrics, queue
         self.ns = cfg.namespace
-        self.parked: set[str] = set()      # builds told to wait (capacity.WAIT), by uid
+        self.parked: set[str] = set()      # builds told to wait (admission.WAIT), by uid
 
     def _step(self, name: str) -> None:
         """Test hook: die right after a write, to prove restarts lose and duplicate nothing."""
@@ -167,11 +167,11 @@ class Reconciler:
 
     def _admit(self, b: Build) -> None:
         pool, pool_errors = self._pool()
-        d = capacity.decide(pool, self.store, b.uid, time.time())
+        d = admission.decide(pool, self.store, b.uid, time.time())
         p = self.metrics.platform(b.platform)
         with self.store.lock:
-            (self.parked.add if d.verdict == capacity.WAIT else self.parked.discard)(b.uid)
-        if d.verdict == capacity.WAIT:
+            (self.parked.add if d.verdict == admission.WAIT else self.parked.discard)(b.uid)
+        if d.verdict == admission.WAIT:
             if b.queue_position != d.position:      # every status update of a pending
                 b.queue_position = d.position       # build comes here: log news only
                 self._decision("platform full; build waits", b, position=d.position,
@@ -180,7 +180,7 @@ class Reconciler:
                         f"build(s) ahead, {d.free} slot(s) free", warning=False)
             self.queue.add_after(b.uid, min(RECHECK_SECONDS, d.timeout_in + 0.5))
             return
-        if d.verdict == capacity.TIMED_OUT:
+        if d.verdict == admission.TIMED_OUT:
             attempt = self._attempt(b, b.failed_run)
             if attempt and self._create_run(objects.provision_failed_run(
                     self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid,
@@ -257,7 +257,7 @@ class Reconciler:
         with self.store.lock:
             for uid in list(self.parked):
                 o = self.store.builds.get(uid)
-                if o is None or not self.store.waiting(uid):
+                if o is None or not self.store.admission.waiting(uid):
                     self.parked.discard(uid)
                 elif o.platform and (platform is None or o.platform == platform):
                     key = (o.created, o.uid)

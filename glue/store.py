@@ -17,22 +17,17 @@ Three kinds of objects are kept, each as a small view of the object:
 Write responses are stored like watch events, and a view never goes back to an
 older resourceVersion, so a decision made right after our own write sees it.
 
-For admission (``capacity.decide``) the store also keeps, per platform, which builds
-are *waiting* (hold our finalizer, unfinished, no provisioning run nor its answer)
-and which are *in flight* (a provisioning run still running that holds no slot
-yet). Every change to a build, a run or a slot re-classifies the one build it
-concerns (``_classify``), so an admission counts them in O(1) instead of scanning
-every cached build: a burst of N builds cost O(N^2) before.
+Every change to a build, a run or a slot re-classifies the one build it concerns
+in the queue admission's index (``admission.Index``: waiting, in flight).
 """
 from __future__ import annotations
 
-import bisect
 import threading
 from dataclasses import dataclass, field, replace
 
 from mpc.runner import contract as c
 
-from . import detect, objects
+from . import admission, detect, objects
 
 
 def _rv(obj: dict) -> int:
@@ -136,9 +131,6 @@ class SlotLease:
     holder_uid: str
 
 
-WAITING, IN_FLIGHT = "waiting", "in-flight"
-
-
 class Store:
     def __init__(self, cancel_annotation: str):
         self.lock = threading.RLock()
@@ -149,58 +141,17 @@ class Store:
         self._cancel_ann = cancel_annotation
         self._listing: dict[str, set] = {}
         self._holders: dict[str, int] = {}      # build uid -> slot Leases it holds
-        self._class: dict[str, tuple] = {}      # build uid -> (platform, WAITING|IN_FLIGHT)
-        self._by_class: dict[tuple, set] = {}   # (platform, class) -> build uids
-        self._line: dict[str, list] = {}        # platform -> sorted (created, uid) waiting
-        self._created: dict[str, str] = {}      # waiting build uid -> its key's created
+        self.admission = admission.Index()
         self._alias: dict[str, str] = {}        # TaskRun uid -> its predicted build's key
         self._named: dict[tuple, str] = {}      # (namespace, TaskRun name) -> build key
         self._predicted: dict[str, set] = {}    # PipelineRun uid -> keys predicted from it
         self._unborn: dict[str, int] = {}       # PipelineRun name -> builds not seen yet
 
-    # --- the admission index ------------------------------------------------------
     def _classify(self, uid: str) -> None:
-        """Put build ``uid`` in the one index set its cached state says (or in none)."""
+        """Put build ``uid`` in the admission class its cached state says (or in none)."""
         b = self.builds.get(uid)
-        new = None
-        if b is not None and b.platform and b.ours and not b.finished:
-            run = self.runs.get(b.provision_run)
-            if run is None:
-                if b.failed_run not in self.runs:
-                    new = (b.platform, WAITING)
-            elif run.succeeded is None and not self._holders.get(uid):
-                new = (b.platform, IN_FLIGHT)
-        old = self._class.get(uid)
-        if old == new:
-            return
-        if old is not None:
-            self._by_class[old].discard(uid)
-            del self._class[uid]
-            if old[1] == WAITING:
-                line = self._line[old[0]]
-                del line[bisect.bisect_left(line, (self._created[uid], uid))]
-                del self._created[uid]
-        if new is not None:
-            self._by_class.setdefault(new, set()).add(uid)
-            self._class[uid] = new
-            if new[1] == WAITING:
-                self._created[uid] = b.created
-                bisect.insort(self._line.setdefault(new[0], []), (b.created, uid))
-
-    def place_in_line(self, platform: str, created: str, uid: str) -> int:
-        """How many of the platform's waiting builds are older (creationTimestamp, then
-        uid) than build ``uid``: a bisection, not a scan."""
-        return bisect.bisect_left(self._line.get(platform, []), (created, uid))
-
-    def waiting(self, uid: str) -> bool:
-        """Holds our finalizer, is not finished, and has neither a provisioning run nor its
-        answer for waiting too long (a provision-failed run)."""
-        return self._class.get(uid, ("", ""))[1] == WAITING
-
-    def admission_sets(self, platform: str) -> tuple[set, set]:
-        """(waiting, in flight) build uids of ``platform``; read them under ``lock``."""
-        return (self._by_class.get((platform, WAITING), set()),
-                self._by_class.get((platform, IN_FLIGHT), set()))
+        self.admission.put(uid, admission.state(b, self.runs, self._holders.get(uid, 0)),
+                           b.created if b is not None else "")
 
     # --- builds -------------------------------------------------------------------
     def has_runs(self, uid: str) -> bool:

@@ -1,6 +1,6 @@
 """The store's admission index (waiting / in-flight builds per platform) always says what
 a full scan of the cache says, whatever order builds, runs and slots come and go in; and
-``capacity.decide`` on it gives the verdict and place in line a full scan gives.
+``admission.decide`` on it gives the verdict and place in line a full scan gives.
 
 Pure: no API server. The oracle is the definition written out as a scan of every cached
 build (what decide did before the index)."""
@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from mpc.glue import capacity, objects
-from mpc.glue.store import IN_FLIGHT, WAITING, Store
+from mpc.glue import admission, objects
+from mpc.glue.store import Store
 from mpc.runner import contract as c
 from mpc.runner import hostpool
 
@@ -37,10 +37,10 @@ def scan(store: Store, platform: str) -> tuple[set, set]:
 
 def scan_decide(pool, store: Store, uid: str) -> tuple[str, int]:
     b = store.build(uid)
-    free = capacity.free_slots(pool, b.platform, store)
+    free = admission.free_slots(pool, b.platform, store)
     waiting, in_flight = scan(store, b.platform)
     position = sum(1 for o in waiting if (store.builds[o].created, o) < (b.created, uid))
-    return (capacity.ADMIT if position < free - len(in_flight) else "not now"), position
+    return (admission.ADMIT if position < free - len(in_flight) else "not now"), position
 
 
 def taskrun(uid, i, platform, ours=True, done=False, deleting=False, rv=1):
@@ -113,15 +113,15 @@ def test_index_matches_a_full_scan_under_random_changes(seed):
             store.list_ended(kind, "l", lambda v: True)
         with store.lock:
             for p in PLATFORMS:
-                waiting, in_flight = store.admission_sets(p)
+                waiting, in_flight = store.admission.sets(p)
                 assert (set(waiting), set(in_flight)) == scan(store, p), f"step {step}"
         for u in uids:
             b = store.build(u)
             if b is not None and u in scan(store, b.platform or "")[0]:
-                d = capacity.decide(pool, store, u, 0.0)
+                d = admission.decide(pool, store, u, 0.0)
                 verdict, position = scan_decide(pool, store, u)
-                assert (d.verdict == capacity.ADMIT) == (verdict == capacity.ADMIT), f"step {step}"
-                if d.verdict != capacity.ADMIT:
+                assert (d.verdict == admission.ADMIT) == (verdict == admission.ADMIT), f"step {step}"
+                if d.verdict != admission.ADMIT:
                     assert d.position == position
 
 
@@ -134,20 +134,20 @@ def test_a_burst_admits_without_scanning_and_keeps_fifo_when_full():
     for i, u in enumerate(uids):
         store.put_taskrun(taskrun(u, i, PLATFORMS[0]), PLATFORMS[0], 0.0)
     with store.lock:
-        assert store.admission_sets(PLATFORMS[0])[0] == set(uids)
+        assert store.admission.sets(PLATFORMS[0])[0] == set(uids)
     # two slots, five waiting: the two oldest may go, the others learn their place
-    verdicts = [capacity.decide(pool, store, u, 0.0) for u in uids]
-    assert [d.verdict for d in verdicts[:2]] == [capacity.ADMIT] * 2
+    verdicts = [admission.decide(pool, store, u, 0.0) for u in uids]
+    assert [d.verdict for d in verdicts[:2]] == [admission.ADMIT] * 2
     assert [(d.verdict, d.position) for d in verdicts[2:]] == [
-        (capacity.WAIT, 2), (capacity.WAIT, 3), (capacity.WAIT, 4)]
+        (admission.WAIT, 2), (admission.WAIT, 3), (admission.WAIT, 4)]
     # the oldest two got their runs (in flight, no slot yet): nobody else fits
     for u in uids[:2]:
         store.put_run(run(c.provision_run_name(u), u, objects.ROLE_PROVISION))
     with store.lock:
-        assert store.admission_sets(PLATFORMS[0]) == (set(uids[2:]), set(uids[:2]))
-    assert capacity.decide(pool, store, uids[2], 0.0).verdict == capacity.WAIT
+        assert store.admission.sets(PLATFORMS[0]) == (set(uids[2:]), set(uids[:2]))
+    assert admission.decide(pool, store, uids[2], 0.0).verdict == admission.WAIT
     # one finished and gave its slot back (its run succeeded): the next oldest goes
     store.put_run(run(c.provision_run_name(uids[0]), uids[0], objects.ROLE_PROVISION, True, 2))
     store.put_taskrun(taskrun(uids[0], 0, PLATFORMS[0], done=True, rv=2), PLATFORMS[0], 0.0)
-    assert capacity.decide(pool, store, uids[2], 0.0).verdict == capacity.ADMIT
-    assert capacity.decide(pool, store, uids[3], 0.0).verdict == capacity.WAIT
+    assert admission.decide(pool, store, uids[2], 0.0).verdict == admission.ADMIT
+    assert admission.decide(pool, store, uids[3], 0.0).verdict == admission.WAIT
