@@ -309,7 +309,7 @@ class Reconciler:
                 tr = self.kube.json_patch(k.taskruns(b.namespace, b.name),
                                           objects.finalizer_remove_patch(b.patch_target()))
             except ApiError as e:
-                if e.status != 404:
+                if not k.object_missing(e):
                     raise
                 self.store.mark_gone(b.uid)
             else:

@@ -27,7 +27,8 @@ hung Task. So a flaky API server delays provisioning; it never turns into an
 error secret.
 
 Retries include POST, PATCH and DELETE. A delete retried after a lost answer
-gets 404 (callers treat 404 as done). A create retried after a lost answer
+gets 404 (callers treat 404 as done; only a 404 that names the object, see
+``object_missing``: one about the path is retried). A create retried after a lost answer
 (connection dropped or timed out after the request was sent, a 5xx from a
 proxy) may meet the object the first attempt made: 409. Every creating
 caller treats 409 by reading what exists: ``Slots.try_take`` keeps a slot
@@ -71,10 +72,29 @@ def _retry_after(e: client.ApiException) -> float | None:
         return None
 
 
+def object_missing(e: BaseException) -> bool:
+    """Whether ``e`` is a 404 that says *the object* does not exist: the API server's Status
+    names it (``details.name``). A 404 without that is about the path: an API server that
+    has just restarted answers plain "404 page not found" for a custom resource type
+    (a TaskRun, a PipelineRun) until it has loaded the type's definition, and that says
+    nothing about the object; reading it as "deleted" would release a live build."""
+    if not isinstance(e, client.ApiException) or e.status != 404:
+        return False
+    body = e.body
+    if isinstance(body, (str, bytes)):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return False
+    details = body.get("details") if isinstance(body, dict) else None
+    return isinstance(details, dict) and bool(details.get("name"))
+
+
 def transient(e: BaseException) -> bool:
-    """Whether ``e`` is an API failure worth retrying."""
+    """Whether ``e`` is an API failure worth retrying (a 404 that names no object too)."""
     if isinstance(e, client.ApiException):
-        return e.status in RETRY_STATUSES or e.status == 0     # 0: ApiError's transport failure
+        return (e.status in RETRY_STATUSES or e.status == 0     # 0: ApiError's transport failure
+                or (e.status == 404 and not object_missing(e)))
     return isinstance(e, (urllib3.exceptions.HTTPError, HTTPException, ConnectionError,
                           TimeoutError))
 
@@ -262,11 +282,11 @@ class Kube:
 
     # --- verbs ------------------------------------------------------------------
     def get(self, p: str) -> dict | None:
-        """The object, or None on 404."""
+        """The object, or None if the API server says it does not exist (``object_missing``)."""
         try:
             return self.request("GET", p)
         except ApiError as e:
-            if e.status == 404:
+            if object_missing(e):
                 return None
             raise
 
@@ -300,7 +320,7 @@ class Kube:
             self.request("DELETE", p, body=body)
             return True
         except ApiError as e:
-            if e.status == 404 or (e.status == 409 and uid):
+            if object_missing(e) or (e.status == 409 and uid):
                 return False
             raise
 

@@ -10,6 +10,8 @@ in the order injected:
 
 - ``"429"``: answers 429 Too Many Requests with ``Retry-After`` (not forwarded)
 - ``"503"``: answers 503 Service Unavailable (not forwarded)
+- ``"404"``: answers ``404 page not found`` in plain text, as a restarted API server
+  does for a custom resource type it has not loaded yet (not forwarded)
 - ``"reset"``: resets the connection without an answer (not forwarded)
 - ``"lost"``: forwards the request, then resets the connection without the
   answer: the request took effect and the client cannot know it did
@@ -32,7 +34,7 @@ from typing import Callable
 import urllib3
 import yaml
 
-KINDS = ("429", "503", "reset", "lost")
+KINDS = ("429", "503", "404", "reset", "lost")
 HOP = {"host", "connection", "keep-alive", "proxy-connection", "transfer-encoding",
        "content-length", "te", "upgrade", "content-encoding"}
 
@@ -158,6 +160,10 @@ class FaultProxy:
                 kind = fault.kind if fault else None
                 if kind == "reset":
                     return self._reset()
+                if kind == "404":
+                    return self._answer(404, {"Content-Type": "text/plain; charset=utf-8",
+                                              "X-Content-Type-Options": "nosniff"},
+                                        b"404 page not found\n")
                 if kind in ("429", "503"):
                     status = int(kind)
                     msg = (b'{"kind":"Status","apiVersion":"v1","status":"Failure",'

@@ -95,3 +95,26 @@ def test_lost_create_of_the_waiter_keeps_the_build_queued_once(controller, kube,
     assert proxy.pending() == 0
     assert "error" not in read_secret(kube, queued)
     assert controller.leases("waiter") == []
+
+
+def test_a_404_naming_no_object_is_not_a_deleted_build(controller, kube, namespace,
+                                                       make_host, proxy):
+    """The fault: an API server that has just restarted answers "404 page not found" for
+    TaskRuns until it has loaded their type. That says nothing about the build: the sweep
+    retries and keeps the live build's slot and user, where reading it as "deleted"
+    released a build still running."""
+    h = make_host()
+    controller.install_pool([h], concurrency=1)
+    tr = make_taskrun(kube, namespace)
+    assert controller.provision(tr).results["outcome"] == "served"
+    user = read_secret(kube, tr)["host"].split("@")[0]
+    proxy.inject("404", 3, when=lambda method, path, body:
+                 method == "GET" and "/taskruns/" in path)
+    r = start_task(load_task(task_path("mpc-sweep")), {}, kubeconfig=proxy.kubeconfig,
+                   namespace=controller.namespace,
+                   taskrun_name=f"mpc-sweep-{uuid.uuid4().hex[:6]}").wait()
+    assert r.returncode == 0, r.stdout + r.stderr
+    [slot] = controller.leases("slot")
+    assert slot.metadata.labels[contract.LABEL_TASKRUN_UID] == tr["metadata"]["uid"]
+    assert user in h.users()
+    assert proxy.pending() == 0, "the sweep never read the build"
