@@ -195,7 +195,7 @@ def launch_ready(kube: Kube, namespace: str, provider: Provider, records: Record
         count(kube, namespace, dyn.platform, launch_failures=1)
         if holder:
             for p in records.places_on(rec.name):
-                records.drop(p.metadata.name)
+                records.drop(p)
         current = records.get(rec.name)
         if current is not None and current.uid == rec.uid:
             try:
@@ -432,7 +432,7 @@ def release(kube: Kube, namespace: str, pool: Pool | None, uid: str) -> list[str
                 if dyn.max_builds_per_vm > 1:      # a single-use VM takes its user with it
                     errors.append(f"{vm.name}: {e}")
                     continue
-        records.drop(p.metadata.name)
+        records.drop(p)
         if vm is None:
             continue
         if dyn is None or not _keep(dyn, vm):
@@ -443,7 +443,7 @@ def release(kube: Kube, namespace: str, pool: Pool | None, uid: str) -> list[str
             except ProviderError as e:
                 errors.append(f"{vm.name}: {e}")
     for p in records.namespace_places_of(uid):
-        records.drop(p.metadata.name)
+        records.drop(p)
     return errors
 
 
@@ -572,7 +572,7 @@ def _retire_reason(kube: Kube, records: Records, prov: Provider, dyn: Dynamic | 
         inst = prov.describe([vm.instance_id]).get(vm.instance_id)
         if inst is None or inst.gone:
             for p in places:                      # the VM died under its builds
-                records.drop(p.metadata.name)
+                records.drop(p)
             return "instance gone"
     if places:
         # Places whose builds are done are left only when their users could not be
@@ -585,7 +585,7 @@ def _retire_reason(kube: Kube, records: Records, prov: Provider, dyn: Dynamic | 
         if problem is None:
             return None
         for p in places:
-            records.drop(p.metadata.name)
+            records.drop(p)
         return f"unreachable with only finished builds: {problem}"
     if vm.age() > dyn.max_age_seconds:
         return "past maxAgeSeconds"

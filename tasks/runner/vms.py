@@ -231,8 +231,19 @@ class Records:
         return self._list(f"{contract.LABEL_MANAGED}={contract.MANAGED_VALUE},"
                           f"{contract.LABEL_ROLE}={contract.ROLE_VM_BUILD}")
 
-    def drop(self, name: str) -> None:
-        _ignore_404(self.kube.leases.delete_namespaced_lease, name, self.namespace)
+    def drop(self, lease: "client.V1Lease | str") -> None:
+        """Delete a place Lease. Given the Lease as it was read, only that one: a namesake
+        created since (the place freed by someone else and taken by another build) stays."""
+        if isinstance(lease, str):
+            _ignore_404(self.kube.leases.delete_namespaced_lease, lease, self.namespace)
+            return
+        try:
+            self.kube.leases.delete_namespaced_lease(
+                lease.metadata.name, self.namespace, body=client.V1DeleteOptions(
+                    preconditions=client.V1Preconditions(uid=lease.metadata.uid)))
+        except client.ApiException as e:
+            if e.status not in (404, 409):      # 409: a namesake holds the name now
+                raise
 
     # --- namespace quota --------------------------------------------------------------
     def take_namespace_place(self, dyn: Dynamic, holder: Holder) -> str | None:
