@@ -9,14 +9,17 @@ secret is there when it does. Pure functions on dicts.
 
 Tekton writes the pipeline, params substituted, into ``status.pipelineSpec``
 when it starts the run, and names each child TaskRun ``<pipelinerun>-<task>``
-(``-<i>`` for the i-th of a matrix) when that fits in 63 characters (longer
-names are hashed: not predicted). A pipeline task is predicted to be a build
-when its ``PLATFORM`` param (or a matrix over ``PLATFORM`` alone) names a
-remote platform of the pool and its Task mounts the build secret (an inline
-``taskSpec``) or is a reference, which Tekton resolves only as it creates the
-TaskRun: for those the look-ahead bets on the ``PLATFORM`` param, and the
-watcher gives the host back as soon as the TaskRun shows it is not a build.
-Children the PipelineRun already lists exist: the TaskRun watch has them.
+(``-<i>`` for the i-th of a matrix of two or more) when that fits in 63
+characters (longer names are hashed: not predicted). A pipeline task is
+predicted to be a build when its ``PLATFORM`` param (or a matrix over
+``PLATFORM`` alone) names a remote platform of the pool and its Task mounts the
+build secret (an inline ``taskSpec``) or is a reference, which Tekton resolves
+only as it creates the TaskRun: for those the look-ahead bets on the
+``PLATFORM`` param, and the watcher gives the host back as soon as the TaskRun
+shows it is not a build. Children the PipelineRun already lists exist: the
+TaskRun watch has them. A prediction Tekton did not make under the predicted
+name (its pipeline task's TaskRuns are listed, this one is not) gives its host
+back at once.
 """
 from __future__ import annotations
 
@@ -69,7 +72,10 @@ def _platforms(task: dict) -> list[tuple[str, str]] | None:
                 or not isinstance(params[0], dict) or params[0].get("name") != c.PLATFORM_PARAM
                 or not isinstance(params[0].get("value"), list)):
             return None
-        return [(f"-{name}-{i}", v) for i, v in enumerate(params[0]["value"])]
+        values = params[0]["value"]
+        if len(values) == 1:            # Tekton names a fan-out of one like a plain task
+            return [(f"-{name}", values[0])]
+        return [(f"-{name}-{i}", v) for i, v in enumerate(values)]
     for p in task.get("params") or ():
         if isinstance(p, dict) and p.get("name") == c.PLATFORM_PARAM:
             return [(f"-{name}", p.get("value"))]
@@ -119,4 +125,8 @@ def never_created(pr: dict | None, child: str, pipeline_task: str) -> str | None
     if any(isinstance(s, dict) and s.get("name") == pipeline_task
            for s in status.get("skippedTasks") or ()):
         return "pipeline task skipped"
+    made = [r.get("name") for r in status.get("childReferences") or ()
+            if isinstance(r, dict) and r.get("pipelineTaskName") == pipeline_task]
+    if made and child not in made:      # Tekton creates a task's TaskRuns all at once
+        return "pipeline task's TaskRuns created under other names"
     return None

@@ -21,9 +21,11 @@ pytestmark = pytest.mark.e2e
 BUSYBOX = images.BUSYBOX.ref
 
 
-def start_pipeline(inst: Install, ns: str, name: str, prep_seconds: int) -> dict:
+def start_pipeline(inst: Install, ns: str, name: str, prep_seconds: int,
+                   matrix: list[str] | None = None) -> dict:
     """``prep`` (sleeps, like a clone would take) then ``build``: a Task that asks for a
-    platform and mounts its build secret, as buildah-remote does."""
+    platform and mounts its build secret, as buildah-remote does (``matrix``: fanned out
+    over these PLATFORM values)."""
     build_spec = {
         "params": [{"name": c.PLATFORM_PARAM, "type": "string"}],
         "volumes": [{"name": "ssh", "secret": {
@@ -40,7 +42,9 @@ def start_pipeline(inst: Install, ns: str, name: str, prep_seconds: int) -> dict
                         "name": "wait", "image": BUSYBOX,
                         "script": f"#!/bin/sh\nsleep {prep_seconds}\n"}]}},
                     {"name": "build", "runAfter": ["prep"], "taskSpec": build_spec,
-                     "params": [{"name": "PLATFORM", "value": "$(params.PLATFORM)"}]}]}}}
+                     **({"matrix": {"params": [{"name": "PLATFORM", "value": matrix}]}}
+                        if matrix else
+                        {"params": [{"name": "PLATFORM", "value": "$(params.PLATFORM)"}]})}]}}}
     return _co(inst.kube).create_namespaced_custom_object("tekton.dev", "v1", ns,
                                                           "pipelineruns", body)
 
@@ -72,6 +76,33 @@ def test_a_predicted_build_finds_its_secret_there_when_its_taskrun_starts(mpc, e
         wait_for("its secret deleted", lambda: not secret_exists(inst, ns, c.secret_name(child)))
         # one provisioning, keyed by the prediction: none for the TaskRun's own uid
         assert get(inst, NS, "pipelineruns", c.provision_run_name(tr["metadata"]["uid"])) is None
+
+
+@pytest.mark.parametrize("fan_out", [1, 2])
+def test_a_matrix_over_platform_is_predicted_child_by_child(mpc, e2e_namespace, fan_out):
+    """Tekton names the TaskRuns of a matrix ``-<i>``, and the one TaskRun of a matrix of
+    one like a plain task's: each is provisioned before it exists, under its real name."""
+    inst, ns = mpc, e2e_namespace
+    name = f"fan{fan_out}"
+    children = [f"{name}-build"] if fan_out == 1 else [f"{name}-build-{i}"
+                                                      for i in range(fan_out)]
+    with pool_setting(inst, "lookAhead", True):
+        wait_for("the hosts free", lambda: nothing_held(inst), interval=0.3)
+        start_pipeline(inst, ns, name, prep_seconds=45, matrix=[PLATFORM] * fan_out)
+        for child in children:
+            wait_for(f"{child}'s secret", lambda child=child: secret_exists(
+                inst, ns, c.secret_name(child)), interval=0.3)
+        assert [get(inst, ns, "taskruns", child) for child in children] == [None] * fan_out
+        assert len(inst.slots()) == fan_out
+
+        done = wait_done(inst, ns, "pipelineruns", name)
+        assert _cond(done).get("status") == "True", _cond(done)
+        for child in children:
+            tr = get(inst, ns, "taskruns", child)
+            assert _cond(tr).get("status") == "True", (child, _cond(tr))
+            assert get(inst, NS, "pipelineruns",
+                       c.provision_run_name(tr["metadata"]["uid"])) is None, child
+        wait_for("their hosts released", lambda: nothing_held(inst), interval=0.5)
 
 
 @pytest.mark.parametrize("end", ["cancelled", "deleted"])

@@ -44,6 +44,9 @@ def test_which_children_are_predicted():
         {"name": "PLATFORM", "value": [PLATFORM, "linux/x86_64", "linux/s390x"]}]}}
     assert [(x.name, x.platform) for x in predict.children(_running("pr", [matrix]), remote)] \
         == [("pr-b-0", PLATFORM), ("pr-b-2", "linux/s390x")]
+    # a matrix of one value: Tekton names its one TaskRun like a plain task's
+    one = dict(matrix, matrix={"params": [{"name": "PLATFORM", "value": [PLATFORM]}]})
+    assert [x.name for x in predict.children(_running("pr", [one]), remote)] == ["pr-b"]
     # not predicted: listed (exists), skipped, local or unknown platform, a matrix over more
     # than PLATFORM, an inline Task without the build secret, a name Tekton would hash,
     # a PLATFORM not substituted yet, a PipelineRun that is done or being deleted
@@ -65,6 +68,19 @@ def test_which_children_are_predicted():
         assert predict.children(pr, remote) == [], pr
     inline = {"name": "build", "taskSpec": task_spec(), "params": build["params"]}
     assert [x.name for x in predict.children(_running("pr", [inline]), remote)] == ["pr-build"]
+
+
+def test_a_child_tekton_made_under_another_name_is_never_created():
+    """Tekton creates a pipeline task's TaskRuns at once and lists them: a predicted name
+    that is not among them will not come, whatever naming rule made the prediction."""
+    pr = _running("pr", [])
+    assert predict.never_created(pr, "pr-b", "b") is None
+    pr["status"]["childReferences"] = [{"name": "pr-b-0", "pipelineTaskName": "b"},
+                                       {"name": "pr-x", "pipelineTaskName": "x"}]
+    assert predict.never_created(pr, "pr-b-0", "b") is None
+    assert predict.never_created(pr, "pr-b", "b") == \
+        "pipeline task's TaskRuns created under other names"
+    assert predict.never_created(pr, "pr-y", "y") is None      # its task not started yet
 
 
 def test_the_owner_label_is_read_from_the_raw_taskrun():
