@@ -30,15 +30,40 @@ log = logging.getLogger("mpc.glue")
 
 
 class _Lock(LeaseLock):
-    """The client's Lease lock on our connection, refusing to renew once we hand it back."""
+    """The client's Lease lock on our connection, refusing to renew once we hand it back.
+
+    The client's lock turns only ``ApiException`` into a failed attempt; a refused or
+    reset connection (an API server restarting) would end the election's thread with
+    no callback, leaving a leader that no longer renews yet keeps working while a
+    standby takes over. Here every failure is a failed attempt, which the election
+    retries, and past the renew deadline stops leading.
+    """
 
     def __init__(self, kube: Kube, name: str, namespace: str, identity: str):
         super().__init__(name, namespace, identity)
         self.api_instance = client.CoordinationV1Api(kube.api)
         self.released = False
 
+    def get(self, name, namespace):
+        try:
+            return super().get(name, namespace)
+        except Exception as e:      # noqa: BLE001 - transport failures, see above
+            return False, ApiException(status=0, reason=f"{type(e).__name__}: {e}")
+
+    def create(self, name, namespace, election_record):
+        return self._attempt(super().create, name, namespace, election_record)
+
     def update(self, name, namespace, updated_record):
-        return not self.released and super().update(name, namespace, updated_record)
+        return not self.released and self._attempt(super().update, name, namespace,
+                                                   updated_record)
+
+    @staticmethod
+    def _attempt(fn, *args) -> bool:
+        try:
+            return fn(*args)
+        except Exception as e:      # noqa: BLE001 - transport failures, see above
+            log.warning("leader election request failed", extra={"fields": {"error": repr(e)}})
+            return False
 
 
 class Leader:
@@ -63,14 +88,21 @@ class Leader:
         self.leading.clear()
         self.lost.set()
 
+    def _run(self) -> None:
+        try:
+            self.election.run()
+        except Exception:           # a bug of ours or the client's: never lead unrenewed
+            log.exception("leader election failed; stopping")
+            self._stopped()
+
     def acquire(self, stop: threading.Event) -> bool:
-        """Block until leading (True) or ``stop`` is set (False); then keep renewing in
-        the background until ``lost`` is set."""
+        """Block until leading (True), or ``stop`` is set or the election failed (False);
+        once leading, it renews in the background until ``lost`` is set."""
         log.info("waiting for leadership", extra={"fields": {
             "lease": f"{self.lock.namespace}/{self.lock.name}", "identity": self.lock.identity}})
-        threading.Thread(target=self.election.run, name="leader", daemon=True).start()
+        threading.Thread(target=self._run, name="leader", daemon=True).start()
         while not self.leading.wait(0.5):
-            if stop.is_set():
+            if stop.is_set() or self.lost.is_set():
                 self.lock.released = True
                 return False
         return True

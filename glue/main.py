@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                          cfg.lease_duration, cfg.renew_deadline, cfg.retry_period)
         if not elector.acquire(stop):          # a standby is healthy and ready meanwhile
             srv.shutdown()
-            return 0
+            return 1 if elector.lost.is_set() else 0
         threading.Thread(target=lambda: elector.lost.wait() and stop.set(), name="lost",
                          daemon=True).start()
     ctrl.start()

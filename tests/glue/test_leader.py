@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import pytest
 import yaml
 from kubernetes import client
 
@@ -71,17 +72,19 @@ def test_a_standby_takes_over_when_the_leader_is_killed(cluster, kube, tekton, w
     assert _holder(kube, ctrl_ns) == ""
 
 
+@pytest.mark.parametrize("fault", ["503", "reset"])
 def test_a_leader_that_cannot_renew_stops_and_a_standby_takes_over(
-        cluster, kube, watcher, ctrl_ns):
-    """The fault: the leader's renewals fail (503 from a proxy in front of the API server).
-    It must stop leading once --renew-deadline passed and exit (to restart as a
-    candidate), never keep working on a Lease it may have lost; the standby takes over."""
+        cluster, kube, watcher, ctrl_ns, fault):
+    """The fault: the leader's renewals fail (503s, or connections reset as by an API
+    server restarting, through a proxy in front of it). It must stop leading once
+    --renew-deadline passed and exit (to restart as a candidate), never keep working on a
+    Lease it may have lost; the standby takes over."""
     _install_rbac(cluster, kube, ctrl_ns, "-" + uuid.uuid4().hex[:6])
     lease = next(d for d in render(cluster, DEPLOY) if d["kind"] == "Lease")
     lease["metadata"]["namespace"] = ctrl_ns
     kubectl(cluster, "apply", "-f", "-", input=yaml.safe_dump(lease))
     kc = cluster.serviceaccount_kubeconfig(ctrl_ns, c.WATCHER_SERVICE_ACCOUNT)
-    timing = ("--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s")
+    timing = ("--lease-duration", "10s", "--renew-deadline", "6s", "--retry-period", "1s")
     with FaultProxy(kc) as proxy:
         first = watcher("--leader-elect", *timing, "--instance", "cut-off",
                         kubeconfig=proxy.kubeconfig).start()
@@ -90,8 +93,14 @@ def test_a_leader_that_cannot_renew_stops_and_a_standby_takes_over(
         second = watcher("--leader-elect", *timing, "--instance", "standby",
                          kubeconfig=kc).start()
         second.wait_ready()
-        proxy.inject("503", times=10_000, when=lambda method, path, body:
-                     f"/leases/{LEASE}" in path)
+        lease = lambda method, path, body: f"/leases/{LEASE}" in path  # noqa: E731
+        # a blip shorter than --renew-deadline costs nothing: the next renewal succeeds
+        # (a reset connection is retried 3 times by urllib3 itself: 6 fail one attempt)
+        proxy.inject(fault, times={"503": 2, "reset": 6}[fault], when=lease)
+        wait_for("the blip", lambda: proxy.pending() == 0, timeout=30)
+        time.sleep(3)
+        assert first.proc.poll() is None and _holder(kube, ctrl_ns) == "cut-off"
+        proxy.inject(fault, times=10_000, when=lease)
         assert first.wait_exit(timeout=30) == 1      # lost leadership: restart, never stale
         wait_for("the standby leads", lambda: _holder(kube, ctrl_ns) == "standby",
                  timeout=30, log=second.log)
