@@ -125,11 +125,7 @@ class Reconciler:
             reason = run.reason or "Failed"
             # its finally wrote the error secret, unless the run was cancelled or the
             # finally could not run: make sure the waiting build gets an answer
-            attempt = self._attempt(b, b.failed_run) if failed is None else None
-            if attempt and self._create_run(objects.provision_failed_run(
-                    self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid,
-                    b.platform, run.name, reason, bundle=self.cfg.pipeline_bundle,
-                    attempt=attempt, owner=self._owner(b))):
+            if failed is None and self._answer(b, run.name, reason):
                 self._decision("provisioning failed; error-secret run created", b,
                                run=b.failed_run, reason=reason)
             self._event(b, "ProvisioningFailed", f"PipelineRun {self.ns}/{run.name} failed "
@@ -154,6 +150,15 @@ class Reconciler:
                     warning=True)
         self.queue.add_after(b.uid, pause + 0.1)
         return True
+
+    def _answer(self, b: Build, failed_run: str, status: str) -> bool:
+        """Start the run that gives the waiting build its error secret (``status``: why,
+        ``failed_run``: the provisioning run that failed, if any); True if started now."""
+        attempt = self._attempt(b, b.failed_run)
+        return bool(attempt and self._create_run(objects.provision_failed_run(
+            self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid, b.platform,
+            failed_run, status, bundle=self.cfg.pipeline_bundle, attempt=attempt,
+            owner=self._owner(b))))
 
     def _attempt(self, b: Build, name: str) -> int | None:
         """The attempt number to make run ``name`` with now, or None while the pause after
@@ -181,11 +186,7 @@ class Reconciler:
             self.queue.add_after(b.uid, min(RECHECK_SECONDS, d.timeout_in + 0.5))
             return
         if d.verdict == admission.TIMED_OUT:
-            attempt = self._attempt(b, b.failed_run)
-            if attempt and self._create_run(objects.provision_failed_run(
-                    self.ns, self.cfg.tasks_service_account, b.namespace, b.name, b.uid,
-                    b.platform, "", c.PROVISION_STATUS_QUEUE_TIMEOUT,
-                    bundle=self.cfg.pipeline_bundle, attempt=attempt, owner=self._owner(b))):
+            if self._answer(b, "", c.PROVISION_STATUS_QUEUE_TIMEOUT):
                 self.metrics.queue_timeouts.labels(p).inc()
                 self._decision("waited past maxWaitSeconds; error-secret run created", b)
             self._event(b, "QueueTimeout", f"No {b.platform} host became free within the host "
