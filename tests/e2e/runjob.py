@@ -10,7 +10,8 @@
 3. starts two SSH build hosts that really are linux/arm64 and linux/s390x (QEMU
    user emulation in a private binfmt_misc, ``tests/infra/emulatedhosts.py``) in a
    detached keeper process (``runjob hosts``), so they outlive ``make run``, and
-   installs a pool for them;
+   installs a pool for them, with ``lookAhead`` (the matrix's builds are
+   provisioned while ``source`` runs);
 4. pushes buildah-remote's builder image as an index (amd64 for the pods, arm64
    and s390x for the hosts, the test-host rootfs of each) and a small base image
    per architecture made from the cached foreign rootfs;
@@ -622,7 +623,8 @@ def install_pool(kube, hosts: list[dict], ns: str = "mpc") -> None:
             if e.status != 409:
                 raise
             core.replace_namespaced_secret(f"admin-{h['name']}", ns, sec)
-    data = {c.POOL_KEY: yaml.safe_dump({"hosts": pool_entries(hosts)})}
+    # lookAhead: the matrix's builds are provisioned while ``source`` runs (docs/look-ahead.md)
+    data = {c.POOL_KEY: yaml.safe_dump({"hosts": pool_entries(hosts), "lookAhead": True})}
     try:
         core.create_namespaced_config_map(ns, client.V1ConfigMap(
             metadata=client.V1ObjectMeta(name=c.HOST_POOL_CONFIGMAP), data=data))
