@@ -178,7 +178,8 @@ def test_a_predicted_build_is_provisioned_before_its_taskrun_and_is_that_build(
 
 
 @pytest.mark.parametrize("end", ["pipelinerun cancelled", "pipelinerun deleted",
-                                 "task skipped", "not a build", "another platform"])
+                                 "task skipped", "not a build", "another platform",
+                                 "created under another name"])
 def test_a_predicted_build_that_never_comes_gives_its_host_back(
         tekton, watcher, namespace, ctrl_ns, kube, end):
     w, pr, key = _predicted(tekton, watcher, namespace, ctrl_ns, kube)
@@ -192,6 +193,13 @@ def test_a_predicted_build_that_never_comes_gives_its_host_back(
         co.patch_namespaced_custom_object_status(G, V, namespace, "pipelineruns", "app", {
             "status": {"skippedTasks": [{"name": "build", "reason": "When Expressions "
                                          "evaluated to false"}]}})
+    elif end == "created under another name":     # a naming rule the prediction missed
+        co.patch_namespaced_custom_object_status(G, V, namespace, "pipelineruns", "app", {
+            "status": {"childReferences": [
+                {"apiVersion": f"{G}/{V}", "kind": "TaskRun", "name": "app-clone",
+                 "pipelineTaskName": "clone"},
+                {"apiVersion": f"{G}/{V}", "kind": "TaskRun", "name": "app-build-x",
+                 "pipelineTaskName": "build"}]}})
     elif end == "not a build":      # Tekton resolves the Task: it mounts no build secret
         tr = _child(tekton, pr, inline=False)
         tekton.resolve(namespace, tr["metadata"]["name"],
