@@ -1,6 +1,6 @@
 """Admission's CPU on a full platform (issue 14 goal 2): one round of decisions for every
 waiting build (the watcher re-decides each waiter every 30 s), with the store's admission
-index, next to the same decisions made by a full scan of the cache (what ``capacity.decide``
+index, next to the same decisions made by a full scan of the cache (what ``admission.decide``
 did before the index), measured in the same run. In one process, no API server."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from mpc.glue import capacity, objects
+from mpc.glue import admission, objects
 from mpc.glue.store import Store
 from mpc.runner import contract as c
 from mpc.runner import hostpool
@@ -42,7 +42,7 @@ def full_platform(n: int) -> tuple:
 def test_a_round_of_decisions_on_a_full_platform(waiting):
     pool, store, uids = full_platform(waiting)
     t = time.process_time()
-    places = [capacity.decide(pool, store, u, 0.0) for u in uids]
+    places = [admission.decide(pool, store, u, 0.0) for u in uids]
     index = time.process_time() - t
     t = time.process_time()
     for u in uids[:SAMPLE]:
@@ -51,5 +51,5 @@ def test_a_round_of_decisions_on_a_full_platform(waiting):
     print(f"\n[glue bench: admission, {waiting} builds waiting on a full platform] one round "
           f"of decisions: {index:.3f} s CPU with the index; a full scan per decision "
           f"{scan:.2f} s CPU (timed on {SAMPLE}, scaled), {scan / index:.0f}x")
-    assert all(d.verdict == capacity.WAIT for d in places)
+    assert all(d.verdict == admission.WAIT for d in places)
     assert sorted(d.position for d in places) == list(range(waiting))
