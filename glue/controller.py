@@ -22,7 +22,6 @@ import time
 
 from mpc.runner import contract as c
 from mpc.runner import kube as k
-from mpc.runner import vms
 from mpc.runner.kube import ApiError, Kube
 
 from . import detect, gc, objects, predict
@@ -45,13 +44,11 @@ class Controller:
         self.ns = cfg.namespace
         self.store = Store(objects.ANN_CANCEL_REQUESTED)
         self.queue = WorkQueue()
-        self.metrics = Metrics(self.snapshot, lambda: len(self.queue), self._dynamic)
         self.pool = PoolReader(kube, self.ns, cfg.pool_configmap)
+        self.metrics = Metrics(self.store, self.pool, lambda: len(self.queue))
         self.reconciler = Reconciler(kube, cfg, self.store, self.pool, self.metrics, self.queue)
-        self.counted: set[str] = set()  # finished runs already counted in the metrics
         self.stale: set = set()         # builds whose last write met a newer version (409):
                                         # the watch event that brings it reconciles them
-        self.started_wall = time.time()
         self._stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.reflectors: list[Reflector] = []
@@ -236,38 +233,20 @@ class Controller:
         name = detect.meta(obj, "name", "")
         if etype == "DELETED":
             self.store.drop_run(name, detect.meta(obj, "uid"))
-            with self.store.lock:
-                self.counted.discard(name)
+            self.metrics.forget_run(name)
             return
         old = self.store.run(name)
         run = self.store.put_run(obj)
         if run is None or not run.build_uid or run.same_state(old):
             return      # nothing a decision reads changed (the echo of our own write too)
         if run.succeeded is not None:
-            self._count(run, obj)
+            self.metrics.run_finished(run, obj)
             if run.role == objects.ROLE_PROVISION:
                 self.reconciler.wake(run.platform)   # a slot may be free (or never taken)
         if self.store.build(run.build_uid) is not None:
             self.queue.add(run.build_uid)
         elif run.succeeded is True:
             self.queue.add(("run", name))         # a released build's run: delete it
-
-    def _count(self, run, obj: dict) -> None:
-        with self.store.lock:
-            fresh = run.name not in self.counted
-            self.counted.add(run.name)
-            b = self.store.builds.get(run.build_uid)
-            seen = b.first_seen if b else objects.parse_time(detect.meta(obj, "creationTimestamp"))
-        # Count each run once, and only if it finished while this process ran
-        # (a restart re-lists old runs; counters restart from 0 anyway).
-        if not fresh or (run.finished_at is not None and run.finished_at < self.started_wall - 1):
-            return
-        p = self.metrics.platform(run.platform)
-        (self.metrics.runs_succeeded if run.succeeded else self.metrics.runs_failed).labels(
-            run.role, p).inc()
-        if run.succeeded and run.role == objects.ROLE_PROVISION and seen:
-            self.metrics.provision_seconds.labels(p).observe(
-                max(0.0, (run.finished_at or time.time()) - seen))
 
     def on_slot(self, etype: str, lease: dict) -> None:
         self.metrics.watch_events.labels("lease").inc()
@@ -283,32 +262,6 @@ class Controller:
             self.store.drop_vm_lease(detect.meta(lease, "name", ""))
         else:
             self.store.put_vm_lease(lease)
-
-    def _dynamic(self) -> dict[str, dict]:
-        """The dynamic platforms now (``vms.summary`` of the cached Leases), for /metrics."""
-        try:
-            pool, _ = self.pool.get()
-        except ApiError:
-            pool = None             # every platform with a Lease is still reported
-        with self.store.lock:
-            leases = list(self.store.vm_leases.values())
-        return vms.summary(leases, [d.platform for d in pool.dynamic] if pool else ())
-
-    def snapshot(self) -> dict[str, tuple[int, int]]:
-        """(waiting, running) builds per platform label, for the gauges."""
-        out: dict[str, tuple[int, int]] = {}
-        with self.store.lock:
-            items = [(b.platform, self.store.runs.get(c.provision_run_name(b.uid)))
-                     for b in self.store.builds.values() if b.ours and not b.finished]
-        for platform, run in items:
-            p = self.metrics.platform(platform)
-            w, r = out.get(p, (0, 0))
-            if run is not None and run.succeeded is True:
-                r += 1
-            elif run is None or run.succeeded is None:  # a failed provisioning is neither
-                w += 1
-            out[p] = (w, r)
-        return out
 
     # --- workers ------------------------------------------------------------------
     def _worker(self) -> None:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the watcher (``/metrics``).
+"""Prometheus metrics of the watcher (``/metrics``), and what they are computed from: the
+watch cache (builds waiting/running, runs finished) and the dynamic hosts' Leases.
 
 Platform label values come from TaskRun params, which users control: to keep
 the number of series bounded, a value becomes a label only if the host pool
@@ -9,11 +10,22 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Callable, Iterable
+import time
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                      HistogramMetricFamily)
+
+from mpc.runner import contract as c
+from mpc.runner import vms
+from mpc.runner.kube import ApiError
+
+from . import detect, objects
+
+if TYPE_CHECKING:
+    from .poolreader import PoolReader
+    from .store import Run, Store
 
 PREFIX = "mpc_glue"
 _WELL_FORMED = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,30}(/[a-z0-9][a-z0-9_.-]{0,30})?$")
@@ -114,11 +126,13 @@ class _DynamicHosts:
 
 
 class Metrics:
-    def __init__(self, snapshot: Callable[[], dict[str, tuple[int, int]]],
-                 queue_depth: Callable[[], int],
-                 dynamic: Callable[[], dict[str, dict]] = dict):
+    def __init__(self, store: "Store", pool: "PoolReader | None",
+                 queue_depth: Callable[[], int]):
+        self.store, self.pool = store, pool
         self.registry = r = CollectorRegistry()
         self.platform = PlatformLabels()
+        self.counted: set[str] = set()  # finished runs already counted
+        self.started_wall = time.time()
         self.runs_started = Counter(f"{PREFIX}_runs_started", "PipelineRuns started",
                                     ["role", "platform"], registry=r)
         self.runs_succeeded = Counter(f"{PREFIX}_runs_succeeded", "PipelineRuns that succeeded",
@@ -156,5 +170,51 @@ class Metrics:
                                     ["resource"], registry=r)
         Gauge(f"{PREFIX}_queue_depth", "Keys waiting in the work queue",
               registry=r).set_function(queue_depth)
-        r.register(_BuildGauges(snapshot))
-        r.register(_DynamicHosts(dynamic))
+        r.register(_BuildGauges(self.snapshot))
+        r.register(_DynamicHosts(self.dynamic))
+
+    def run_finished(self, run: "Run", obj: dict) -> None:
+        """Count a finished run once, and only if it finished while this process ran (a
+        restart re-lists old runs; counters restart from 0 anyway)."""
+        with self.store.lock:
+            fresh = run.name not in self.counted
+            self.counted.add(run.name)
+            b = self.store.builds.get(run.build_uid)
+            seen = b.first_seen if b else objects.parse_time(detect.meta(obj, "creationTimestamp"))
+        if not fresh or (run.finished_at is not None and run.finished_at < self.started_wall - 1):
+            return
+        p = self.platform(run.platform)
+        (self.runs_succeeded if run.succeeded else self.runs_failed).labels(run.role, p).inc()
+        if run.succeeded and run.role == objects.ROLE_PROVISION and seen:
+            self.provision_seconds.labels(p).observe(
+                max(0.0, (run.finished_at or time.time()) - seen))
+
+    def forget_run(self, name: str) -> None:
+        with self.store.lock:
+            self.counted.discard(name)
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """(waiting, running) builds per platform label, for the gauges."""
+        out: dict[str, tuple[int, int]] = {}
+        with self.store.lock:
+            items = [(b.platform, self.store.runs.get(c.provision_run_name(b.uid)))
+                     for b in self.store.builds.values() if b.ours and not b.finished]
+        for platform, run in items:
+            p = self.platform(platform)
+            w, r = out.get(p, (0, 0))
+            if run is not None and run.succeeded is True:
+                r += 1
+            elif run is None or run.succeeded is None:  # a failed provisioning is neither
+                w += 1
+            out[p] = (w, r)
+        return out
+
+    def dynamic(self) -> dict[str, dict]:
+        """The dynamic platforms now (``vms.summary`` of the cached Leases)."""
+        try:
+            pool, _ = self.pool.get() if self.pool is not None else (None, [])
+        except ApiError:
+            pool = None             # every platform with a Lease is still reported
+        with self.store.lock:
+            leases = list(self.store.vm_leases.values())
+        return vms.summary(leases, [d.platform for d in pool.dynamic] if pool else ())
