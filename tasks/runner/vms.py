@@ -34,7 +34,7 @@ from kubernetes import client
 
 from . import contract, log
 from .hostpool import Dynamic
-from .kube import Kube
+from .kube import Kube, call, path
 from .slots import Holder, platform_key, take_first_free
 
 LAUNCHING, BOOTING, READY, TERMINATING = "launching", "booting", "ready", "terminating"
@@ -95,16 +95,6 @@ def _vm(lease: client.V1Lease) -> VM:
               renewed=renewed, stale_after=lease.spec.lease_duration_seconds or RENEW_STALE_SECONDS,
               builds_served=int(ann.get(contract.ANN_BUILDS_SERVED, "0")),
               holder_uid=lab.get(contract.LABEL_TASKRUN_UID, ""))
-
-
-def _ignore_404(fn, *a, **kw) -> bool:
-    try:
-        fn(*a, **kw)
-        return True
-    except client.ApiException as e:
-        if e.status != 404:
-            raise
-        return False
 
 
 class Records:
@@ -232,18 +222,13 @@ class Records:
                           f"{contract.LABEL_ROLE}={contract.ROLE_VM_BUILD}")
 
     def drop(self, lease: "client.V1Lease | str") -> None:
-        """Delete a place Lease. Given the Lease as it was read, only that one: a namesake
-        created since (the place freed by someone else and taken by another build) stays."""
-        if isinstance(lease, str):
-            _ignore_404(self.kube.leases.delete_namespaced_lease, lease, self.namespace)
-            return
-        try:
-            self.kube.leases.delete_namespaced_lease(
-                lease.metadata.name, self.namespace, body=client.V1DeleteOptions(
-                    preconditions=client.V1Preconditions(uid=lease.metadata.uid)))
-        except client.ApiException as e:
-            if e.status not in (404, 409):      # 409: a namesake holds the name now
-                raise
+        """Delete a place Lease (``Kube.delete``, retried). Given the Lease as it was read,
+        only that one: a namesake created since (the place freed by someone else and
+        taken by another build) stays."""
+        name, uid = (lease, None) if isinstance(lease, str) else (lease.metadata.name,
+                                                                 lease.metadata.uid)
+        call(self.kube.delete, path("coordination.k8s.io", "v1", "leases", self.namespace,
+                                    name), uid=uid)
 
     # --- namespace quota --------------------------------------------------------------
     def take_namespace_place(self, dyn: Dynamic, holder: Holder) -> str | None:
