@@ -126,8 +126,7 @@ class _DynamicHosts:
 
 
 class Metrics:
-    def __init__(self, store: "Store", pool: "PoolReader | None",
-                 queue_depth: Callable[[], int]):
+    def __init__(self, store: "Store", pool: "PoolReader", queue_depth: Callable[[], int]):
         self.store, self.pool = store, pool
         self.registry = r = CollectorRegistry()
         self.platform = PlatformLabels()
@@ -212,7 +211,7 @@ class Metrics:
     def dynamic(self) -> dict[str, dict]:
         """The dynamic platforms now (``vms.summary`` of the cached Leases)."""
         try:
-            pool, _ = self.pool.get() if self.pool is not None else (None, [])
+            pool, _ = self.pool.get()
         except ApiError:
             pool = None             # every platform with a Lease is still reported
         with self.store.lock:
