@@ -66,8 +66,15 @@ def test_four_builds_served_fifth_waits_fifo(controller, kube, namespace, make_h
     fifth, sixth = make_taskrun(kube, namespace), make_taskrun(kube, namespace)
     r5 = controller.start("mpc-provision", fifth, PLATFORM="linux/arm64")
     wait_for("fifth queued", lambda: len(controller.leases("waiter")) == 1, timeout=60)
+    # The queue's order is the API server's creationTimestamp, which has whole seconds;
+    # waiters of the same second are ordered by name (their uids). So the sixth queues
+    # a second later, or it may rightly be first.
+    time.sleep(1.1)
     r6 = controller.start("mpc-provision", sixth, PLATFORM="linux/arm64")
     wait_for("sixth queued", lambda: len(controller.leases("waiter")) == 2, timeout=60)
+    created = {w.metadata.name: w.metadata.creation_timestamp for w in controller.leases("waiter")}
+    assert created[contract.waiter_name(fifth["metadata"]["uid"])] < \
+        created[contract.waiter_name(sixth["metadata"]["uid"])]
     time.sleep(2)
     assert r5.proc.poll() is None and r6.proc.poll() is None, "queued builds must wait"
     assert read_secret(kube, fifth) is None
