@@ -54,48 +54,40 @@ class Controller:
         self.reflectors: list[Reflector] = []
 
     # --- lifecycle ----------------------------------------------------------------
-    def _reflect(self, name: str, path: str, handler, kind: str, owns=lambda view: True,
-                 selector: str | None = None, wanted=None) -> None:
-        def on_list(phase: str, _name: str) -> None:
-            if phase == "start":
-                self.store.list_started(kind, name)
-                return
-            # events may have been missed while not watching: what the LIST did not
-            # show is gone, and every build is looked at once more
-            if self.store.list_ended(kind, name, owns) and kind == "slots":
-                self.reconciler.wake(None)
-            if kind == "runs":
-                self.store.readopt()
-            with self.store.lock:
-                uids = list(self.store.builds)
-            for uid in uids:
-                self.queue.add(uid)
+    def _on_listed(self, _name: str) -> None:
+        """After a full LIST (the reflector has handed over what it no longer shows as
+        deleted): events may have been missed, so every build is looked at once more."""
+        with self.store.lock:
+            uids = list(self.store.builds)
+        for uid in uids:
+            self.queue.add(uid)
 
+    def _reflect(self, name: str, path: str, handler, selector: str | None = None,
+                 wanted=None, after=None) -> Reflector:
         self.reflectors.append(Reflector(
-            self.kube, name, path, handler, on_list=on_list, label_selector=selector,
+            self.kube, name, path, handler, on_listed=self._on_listed, label_selector=selector,
             page_size=self.cfg.page_size, watch_timeout=self.cfg.watch_timeout,
-            resync_period=self.cfg.resync_period, on_error=self._count_error, wanted=wanted))
+            resync_period=self.cfg.resync_period, on_error=self._count_error, wanted=wanted,
+            after=after))
+        return self.reflectors[-1]
 
     def start(self) -> "Controller":
+        runs = self._reflect("pipelineruns", k.pipelineruns(self.ns), self.on_run,
+                             selector=MANAGED)
+        # Builds are listed after mpc's runs: a TaskRun that came while no watcher ran is
+        # found as the build predicted for it by its runs (Store.key_for) at once.
         for wns in self.cfg.watch_namespaces or [None]:
             self._reflect(f"taskruns{'/' + wns if wns else ''}", k.taskruns(wns),
-                          self.on_taskrun, "builds", wanted=self._wanted_taskrun,
-                          owns=lambda b, wns=wns: (wns is None or b.namespace == wns)
-                          and not b.unborn)
+                          self.on_taskrun, wanted=self._wanted_taskrun, after=runs.synced)
             # look-ahead (predict.py): the PipelineRuns that will create builds
             self._reflect(f"pipelineruns-ahead{'/' + wns if wns else ''}", k.pipelineruns(wns),
-                          self.on_pipelinerun, "builds", wanted=predict.may_predict,
-                          owns=lambda b, wns=wns: (wns is None or b.namespace == wns)
-                          and b.unborn, selector=f"{c.LABEL_MANAGED}!={c.MANAGED_VALUE}")
-        sweep = objects.ROLE_SWEEP
-        self._reflect("pipelineruns", k.pipelineruns(self.ns), self.on_run, "runs",
-                      owns=lambda r: r.role != sweep, selector=MANAGED)
-        self._reflect("sweeps", k.taskruns(self.ns), self.on_run, "runs",
-                      owns=lambda r: r.role == sweep, selector=f"{MANAGED},{c.LABEL_ROLE}={sweep}")
+                          self.on_pipelinerun, wanted=predict.may_predict,
+                          selector=f"{c.LABEL_MANAGED}!={c.MANAGED_VALUE}", after=runs.synced)
+        self._reflect("sweeps", k.taskruns(self.ns), self.on_run,
+                      selector=f"{MANAGED},{c.LABEL_ROLE}={objects.ROLE_SWEEP}")
         leases = k.path("coordination.k8s.io", "v1", "leases", self.ns)
-        self._reflect("slots", leases, self.on_slot, "slots",
-                      selector=f"{MANAGED},{c.LABEL_ROLE}=slot")
-        self._reflect("vms", leases, self.on_vm_lease, "vm_leases", selector=(
+        self._reflect("slots", leases, self.on_slot, selector=f"{MANAGED},{c.LABEL_ROLE}=slot")
+        self._reflect("vms", leases, self.on_vm_lease, selector=(
             f"{MANAGED},{c.LABEL_ROLE} in ({c.ROLE_VM},{c.ROLE_VM_BUILD},{c.ROLE_VM_STATS},waiter)"))
         for r in self.reflectors:
             r.start()
@@ -138,7 +130,8 @@ class Controller:
     def _count_error(self, kind: str) -> None:
         self.metrics.errors.labels(kind).inc()
 
-    # --- event handlers (reflector threads; must be cheap) --------------------------------
+    # --- event handlers (reflector threads; must be cheap; True: something of the object
+    # is kept, so the reflector reports it deleted if a later LIST no longer shows it) ------
     def _wanted_taskrun(self, raw: bytes) -> bool:
         """Decode a TaskRun event if it may be a build, or a child of a PipelineRun with a
         build predicted and not seen yet (it may turn out not to be a build)."""
@@ -147,16 +140,16 @@ class Controller:
         owner = predict.pipelinerun_of(raw)
         return owner is not None and self.store.has_unborn(owner)
 
-    def on_taskrun(self, etype: str, tr: dict) -> None:
+    def on_taskrun(self, etype: str, tr: dict) -> bool:
         self.metrics.watch_events.labels("taskrun").inc()
         uid = detect.meta(tr, "uid")
         if not uid:
-            return
+            return False
         if etype == "DELETED":
             b = self.store.mark_gone(uid)
             if b is not None:
                 self.queue.add(b.uid)
-            return
+            return False
         ours = detect.has_finalizer(tr)
         platform = detect.build_platform(tr)
         key = self.store.key_for(tr, platform)
@@ -173,17 +166,17 @@ class Controller:
             # shows whether it is one; if not, the host taken for it goes back (cached
             # below if only its runs knew the prediction, after a restart)
             if not detect.resolved(tr):
-                return
+                return False
             if known is not None and known.unborn:
                 if self.store.never(key) is not None:
                     self.reconciler.log_prediction(known, "not a build")
                     self.queue.add(key)
-                return
+                return False
         if not ours and known is None and (detect.is_done(tr) or detect.deleting(tr)) \
                 and key == uid:
-            return  # a finished build without our finalizer is left alone
+            return False    # a finished build without our finalizer is left alone
         if platform is None and not ours and known is None and key == uid:
-            return  # not a build: the common case, nothing stored
+            return False    # not a build: the common case, nothing stored
         before = known.view() if known is not None else None
         if self.store.put_taskrun(tr, platform, time.time()).view() != before:
             self.queue.add(key)     # else nothing a decision reads changed: Tekton's status
@@ -191,25 +184,26 @@ class Controller:
         elif key in self.stale:     # a write of ours conflicted: try again with this version
             self.stale.discard(key)  # now, not only after the backoff (a TaskRun written
             self.queue.add(key)      # all the time would outrun every backed-off retry)
+        return True
 
-    def on_pipelinerun(self, etype: str, pr: dict) -> None:
+    def on_pipelinerun(self, etype: str, pr: dict) -> bool:
         """A PipelineRun outside mpc's own: predict the builds it will create (the pool's
         ``lookAhead``), and give back what was taken for those it will not create."""
         self.metrics.watch_events.labels("pipelinerun-ahead").inc()
         uid = detect.meta(pr, "uid")
         if not uid:
-            return
-        known = self.store.predicted_by(uid)
-        for b in known:
+            return False
+        for b in self.store.predicted_by(uid):
             why = predict.never_created(None if etype == "DELETED" else pr, b.name,
                                         b.pipeline_task)
-            if b.unborn and why is None:
-                self.store.seen(b.uid)          # still to come: not missing from a relist
-            elif b.unborn and self.store.never(b.uid) is not None:
+            if b.unborn and why is not None and self.store.never(b.uid) is not None:
                 self.reconciler.log_prediction(b, why)
                 self.queue.add(b.uid)
-        if etype == "DELETED":
-            return
+        if etype != "DELETED":
+            self._predict(pr, uid)
+        return bool(self.store.predicted_by(uid))
+
+    def _predict(self, pr: dict, uid: str) -> None:
         try:
             pool, _ = self.pool.get()
         except ApiError:
@@ -228,17 +222,17 @@ class Controller:
                 self.reconciler.log_prediction(b, None)
                 self.queue.add(b.uid)
 
-    def on_run(self, etype: str, obj: dict) -> None:
+    def on_run(self, etype: str, obj: dict) -> bool:
         self.metrics.watch_events.labels("pipelinerun").inc()
         name = detect.meta(obj, "name", "")
         if etype == "DELETED":
             self.store.drop_run(name, detect.meta(obj, "uid"))
             self.metrics.forget_run(name)
-            return
+            return False
         old = self.store.run(name)
         run = self.store.put_run(obj)
         if run is None or not run.build_uid or run.same_state(old):
-            return      # nothing a decision reads changed (the echo of our own write too)
+            return True     # nothing a decision reads changed (the echo of our own write too)
         if run.succeeded is not None:
             self.metrics.run_finished(run, obj)
             if run.role == objects.ROLE_PROVISION:
@@ -247,21 +241,24 @@ class Controller:
             self.queue.add(run.build_uid)
         elif run.succeeded is True:
             self.queue.add(("run", name))         # a released build's run: delete it
+        return True
 
-    def on_slot(self, etype: str, lease: dict) -> None:
+    def on_slot(self, etype: str, lease: dict) -> bool:
         self.metrics.watch_events.labels("lease").inc()
-        if etype == "DELETED":
-            if self.store.drop_slot(detect.meta(lease, "name", "")) is not None:
-                self.reconciler.wake(None)         # a slot is free: the oldest waiters look
-        else:
+        if etype != "DELETED":
             self.store.put_slot(lease)
+        elif self.store.drop_slot(detect.meta(lease, "name", ""),
+                                  detect.meta(lease, "uid")) is not None:
+            self.reconciler.wake(None)             # a slot is free: the oldest waiters look
+        return True
 
-    def on_vm_lease(self, etype: str, lease: dict) -> None:
+    def on_vm_lease(self, etype: str, lease: dict) -> bool:
         self.metrics.watch_events.labels("lease").inc()
         if etype == "DELETED":
-            self.store.drop_vm_lease(detect.meta(lease, "name", ""))
+            self.store.drop_vm_lease(detect.meta(lease, "name", ""), detect.meta(lease, "uid"))
         else:
             self.store.put_vm_lease(lease)
+        return True
 
     # --- workers ------------------------------------------------------------------
     def _worker(self) -> None:

@@ -10,8 +10,12 @@
 * Any other failure: back off (capped, jittered) and resume or re-list.
 
 The reflector keeps no objects. It hands each one to ``handler(type, obj)``,
-which extracts what it needs; ``on_list(start|end)`` brackets a full LIST so
-the owner can forget what vanished while it was not watching.
+which extracts what it needs and returns whether it keeps anything of it. Of
+those kept, the reflector remembers the name, namespace and uid: one that a
+LIST after a gap (410, a restart of the watch) no longer shows was deleted
+while nobody watched, and is handed over as ``DELETED`` with that metadata
+alone (client-go's DeletedFinalStateUnknown). ``on_listed(name)`` follows
+every full LIST.
 """
 from __future__ import annotations
 
@@ -27,17 +31,18 @@ log = logging.getLogger("mpc.glue.informer")
 
 
 class Reflector:
-    def __init__(self, kube: Kube, name: str, path: str, handler: Callable[[str, dict], None],
-                 on_list: Callable[[str, str], None] | None = None,
+    def __init__(self, kube: Kube, name: str, path: str, handler: Callable[[str, dict], bool],
+                 on_listed: Callable[[str], None] | None = None,
                  label_selector: str | None = None, page_size: int = 100,
                  watch_timeout: int = 300, resync_period: float = 0.0,
                  on_error: Callable[[str], None] | None = None,
-                 wanted: Callable[[bytes], bool] | None = None):
+                 wanted: Callable[[bytes], bool] | None = None,
+                 after: threading.Event | None = None):
         self.kube = kube
         self.name = name
         self.path = path
         self.handler = handler
-        self.on_list = on_list or (lambda phase, name: None)
+        self.on_listed = on_listed or (lambda name: None)
         self.on_error = on_error or (lambda kind: None)
         self.label_selector = label_selector
         self.page_size = page_size
@@ -45,6 +50,8 @@ class Reflector:
         self.resync_period = resync_period
         self.wanted = wanted        # raw watch events it rejects reach the handler as a
                                     # stub: type and resourceVersion only (Kube.watch)
+        self.after = after          # the first LIST waits for this (another one's sync)
+        self.known: dict[str, dict] = {}    # uid -> metadata of the objects the handler keeps
         self.synced = threading.Event()
         self.heartbeat = time.monotonic()
         self.lists = 0
@@ -67,22 +74,38 @@ class Reflector:
     def _query(self) -> dict:
         return {"labelSelector": self.label_selector} if self.label_selector else {}
 
+    def _handle(self, etype: str, obj: dict) -> str:
+        """Hand ``obj`` over and remember it while the handler keeps it; its uid."""
+        kept = self.handler(etype, obj)
+        md = obj.get("metadata") or {}
+        uid = md.get("uid", "")
+        if uid and kept and etype != "DELETED":
+            self.known[uid] = {k: md.get(k, "") for k in ("name", "namespace", "uid")}
+        elif uid:
+            self.known.pop(uid, None)
+        return uid
+
     def _list(self) -> str:
-        self.on_list("start", self.name)
         rv = ""
+        listed = set()
         for items, rv in self.kube.list_pages(self.path, self._query(), self.page_size):
             for obj in items:
-                self.handler("ADDED", obj)
+                listed.add(self._handle("ADDED", obj))
             self.heartbeat = time.monotonic()
             if self._stop.is_set():
-                break
-        self.on_list("end", self.name)
+                return rv
+        for uid in set(self.known) - listed:   # deleted while nobody watched
+            self._handle("DELETED", {"metadata": self.known[uid]})
+        self.on_listed(self.name)
         self.lists += 1
         self.synced.set()
         log.info("listed", extra={"fields": {"informer": self.name, "resourceVersion": rv}})
         return rv
 
     def _run(self) -> None:
+        while self.after is not None and not self.after.wait(1.0):
+            if self._stop.is_set():
+                return
         backoff = 0.2
         rv = ""
         listed_at = 0.0
@@ -132,7 +155,7 @@ class Reflector:
                 raise ApiError(code or 500, obj.get("reason") or "watch error", obj)
             new_rv = (obj.get("metadata") or {}).get("resourceVersion")
             if etype != "BOOKMARK":
-                self.handler(etype, obj)
+                self._handle(etype, obj)
             if new_rv:
                 rv = new_rv
             self.resource_version = rv

@@ -129,6 +129,7 @@ class Run:
 class SlotLease:
     host: str
     holder_uid: str
+    uid: str = ""
 
 
 class Store:
@@ -139,7 +140,6 @@ class Store:
         self.slots: dict[str, SlotLease] = {}
         self.vm_leases: dict[str, dict] = {}    # dynamic hosts' Leases, as the API gave them
         self._cancel_ann = cancel_annotation
-        self._listing: dict[str, set] = {}
         self._holders: dict[str, int] = {}      # build uid -> slot Leases it holds
         self.admission = admission.Index()
         self._alias: dict[str, str] = {}        # TaskRun uid -> its predicted build's key
@@ -162,8 +162,8 @@ class Store:
     def key_for(self, tr: dict, platform: str | None = None) -> str:
         """The key of TaskRun ``tr``'s build: its uid, or the look-ahead key of the build
         predicted for it (``predicted_uid`` of the PipelineRun that made it and its name)
-        when that prediction is cached or has runs (after a restart) and asked for the
-        same platform."""
+        when that prediction is cached or has runs (after a restart: the controller lists
+        its runs before any TaskRun) and asked for the same platform."""
         md = tr.get("metadata") or {}
         uid = md.get("uid", "")
         with self.lock:
@@ -186,7 +186,6 @@ class Store:
         ns, owner_uid = md.get("namespace", ""), md.get("uid", "")
         key = c.predicted_uid(owner_uid, child.name)
         with self.lock:
-            self._seen("builds", key)
             if key in self.builds or (ns, child.name) in self._named:
                 return None
             b = self.builds[key] = Build(
@@ -207,23 +206,6 @@ class Store:
         else:
             self._unborn.pop(owner, None)
 
-    def readopt(self) -> None:
-        """After the runs are listed: a TaskRun cached under its own uid (listed before
-        the runs) whose predicted key has runs is that predicted build (a restart)."""
-        with self.lock:
-            for b in [b for b in self.builds.values() if b.owner_uid and not b.predicted]:
-                key = c.predicted_uid(b.owner_uid, b.name)
-                if key in self.builds or not self.has_runs(key) or self.has_runs(b.uid):
-                    continue
-                del self.builds[b.uid]
-                self._alias[b.uid] = key
-                self.builds[key] = replace(b, uid=key, taskrun_uid=b.uid,
-                                           held=c.deprovision_run_name(key) not in self.runs)
-                self._named[(b.namespace, b.name)] = key
-                self._predicted.setdefault(b.owner_uid, set()).add(key)
-                self._classify(b.uid)
-                self._classify(key)
-
     def predicted_by(self, owner_uid: str) -> list[Build]:
         """The cached builds PipelineRun ``owner_uid`` was predicted to create."""
         with self.lock:
@@ -239,10 +221,6 @@ class Store:
                 if b is not None and b.unborn:
                     return b
         return None
-
-    def seen(self, uid: str) -> None:
-        with self.lock:
-            self._seen("builds", uid)
 
     def never(self, uid: str) -> Build | None:
         """A predicted build whose TaskRun will not come (or came and is not a build): done."""
@@ -302,7 +280,6 @@ class Store:
             b.deleting = detect.deleting(tr)
             b.done = detect.is_done(tr)
             b.gone = False
-            self._seen("builds", b.uid)
             self._classify(b.uid)
             return b
 
@@ -356,7 +333,6 @@ class Store:
             if old is not None and old.uid == run.uid and run.resource_version < old.resource_version:
                 return old
             self.runs[run.name] = run
-            self._seen("runs", run.name)
             self._classify(run.build_uid)
             if old is not None and old.build_uid != run.build_uid:
                 self._classify(old.build_uid)
@@ -379,18 +355,23 @@ class Store:
     def put_slot(self, lease: dict) -> SlotLease:
         md = lease.get("metadata") or {}
         labels = md.get("labels") or {}
-        s = SlotLease(labels.get(c.LABEL_HOST, ""), labels.get(c.LABEL_TASKRUN_UID, ""))
+        s = SlotLease(labels.get(c.LABEL_HOST, ""), labels.get(c.LABEL_TASKRUN_UID, ""),
+                      md.get("uid", ""))
         with self.lock:
             self._unhold(self.slots.get(md.get("name", "")))
             self.slots[md.get("name", "")] = s
             self._holders[s.holder_uid] = self._holders.get(s.holder_uid, 0) + 1
             self._classify(s.holder_uid)
-            self._seen("slots", md.get("name", ""))
         return s
 
-    def drop_slot(self, name: str) -> SlotLease | None:
+    def drop_slot(self, name: str, uid: str | None = None) -> SlotLease | None:
+        """Forget slot ``name`` (only if it is still the Lease with ``uid``, when given: a
+        slot taken again by that name since is another one)."""
         with self.lock:
-            s = self.slots.pop(name, None)
+            s = self.slots.get(name)
+            if s is None or (uid and s.uid and s.uid != uid):
+                return None
+            del self.slots[name]
             self._unhold(s)
             return s
 
@@ -408,40 +389,9 @@ class Store:
     def put_vm_lease(self, lease: dict) -> None:
         with self.lock:
             self.vm_leases[lease["metadata"]["name"]] = lease
-            self._seen("vm_leases", lease["metadata"]["name"])
 
-    def drop_vm_lease(self, name: str) -> None:
+    def drop_vm_lease(self, name: str, uid: str | None = None) -> None:
         with self.lock:
-            self.vm_leases.pop(name, None)
-
-    # --- full LISTs: what a relist did not show is gone ----------------------------
-    def _seen(self, kind: str, key: str) -> None:
-        for (k, _name), seen in self._listing.items():
-            if k == kind:
-                seen.add(key)
-
-    def list_started(self, kind: str, name: str) -> None:
-        with self.lock:
-            self._listing[(kind, name)] = set()
-
-    def list_ended(self, kind: str, name: str, owns) -> list[str]:
-        """Keys of ``kind`` that the LIST ``name`` covers (``owns(view)``) but did not show:
-        builds are marked gone, runs and slots dropped."""
-        with self.lock:
-            seen = self._listing.pop((kind, name), set())
-            table = getattr(self, kind)
-            missing = [k for k, v in table.items() if k not in seen and owns(v)]
-            for k in missing:
-                if kind == "builds":
-                    if table[k].unborn:     # its PipelineRun is gone: never created
-                        table[k].done = True
-                    else:
-                        table[k].gone = True
-                    self._classify(k)
-                elif kind == "slots":
-                    self._unhold(table.pop(k))
-                else:
-                    v = table.pop(k)
-                    if kind == "runs":
-                        self._classify(v.build_uid)
-            return missing
+            lease = self.vm_leases.get(name)
+            if lease is not None and (not uid or lease["metadata"].get("uid") in (None, uid)):
+                del self.vm_leases[name]

@@ -2,23 +2,26 @@
 namespaces, garbage collection and the periodic sweep."""
 from __future__ import annotations
 
+import subprocess
 import time
+import uuid
 
 import pytest
 import yaml
 from kubernetes import client
 
 from mpc.runner import contract as c
+from mpc.runner.kube import Kube as RunnerKube
+from mpc.runner.slots import Holder, Slots
 from tests.infra.procs import wait_for
 
 from .support import build_taskrun
 from .test_lifecycle import events_for, has_finalizer, prs_for
+from .test_queue import PLATFORM, _builds, _pool, _queued
 
 
 def test_watch_expired_relists_and_recovers(cluster, kube, tekton, watcher, namespace, ctrl_ns):
-    api = next((d for d in getattr(cluster, "daemons", []) if d.name == "kube-apiserver"), None)
-    if api is None:
-        pytest.skip("external cluster: cannot compact etcd or restart its API server")
+    _api_server(cluster)
     w = watcher().start().wait_ready()
     a = tekton.create_tr(namespace, build_taskrun("before"))["metadata"]["uid"]
     wait_for("first build", lambda: tekton.get_pr(ctrl_ns, c.provision_run_name(a)), timeout=30)
@@ -28,13 +31,7 @@ def test_watch_expired_relists_and_recovers(cluster, kube, tekton, watcher, name
     for i in range(5):
         core.create_namespaced_config_map(ctrl_ns, client.V1ConfigMap(
             metadata=client.V1ObjectMeta(name=f"filler-{i}")))
-    cluster.compact_etcd()
-    api.stop()
-    api.start()
-    # Tekton's paths come back after the core ones (503 "before all known HTTP paths
-    # have been installed" until then)
-    wait_for("API server back", lambda: tekton.co.list_namespaced_custom_object(
-        "tekton.dev", "v1", namespace, "taskruns", limit=1) is not None, timeout=120)
+    _restart_api_server(cluster, tekton, namespace)
     wait_for("watch expired seen", lambda: "watch expired, re-listing" in w.log_text(),
              timeout=120, log=w.log)
     b = tekton.create_tr(namespace, build_taskrun("after"))["metadata"]["uid"]
@@ -45,6 +42,55 @@ def test_watch_expired_relists_and_recovers(cluster, kube, tekton, watcher, name
     assert w.get("/healthz")[0] == 200 and w.get("/readyz")[0] == 200
     # the first build is unaffected and was not provisioned twice
     assert len(prs_for(tekton, ctrl_ns, a)) == 1
+
+
+def _api_server(cluster):
+    api = next((d for d in getattr(cluster, "daemons", []) if d.name == "kube-apiserver"), None)
+    if api is None:
+        pytest.skip("external cluster: cannot compact etcd or restart its API server")
+    return api
+
+
+def _restart_api_server(cluster, tekton, namespace: str, behind_its_back=()) -> None:
+    """Stop the API server, delete ``behind_its_back`` (etcd key suffixes) in etcd itself,
+    so that no watch ever shows those deletions, compact the history away and start it
+    again: every watch of the watcher gets 410 Gone and must LIST again."""
+    api = _api_server(cluster)
+    api.stop()
+    etcdctl = ["etcdctl", f"--endpoints={cluster.etcd_url}"]
+    keys = subprocess.run([*etcdctl, "get", "--prefix", "--keys-only", "/registry/"],
+                          check=True, capture_output=True, text=True).stdout.split()
+    for suffix in behind_its_back:
+        found = [k for k in keys if k.endswith(suffix)]
+        assert len(found) == 1, (suffix, found)
+        subprocess.run([*etcdctl, "del", found[0]], check=True, capture_output=True)
+    cluster.compact_etcd()
+    api.start()
+    # Tekton's paths come back after the core ones (503 "before all known HTTP paths
+    # have been installed" until then)
+    wait_for("API server back", lambda: tekton.co.list_namespaced_custom_object(
+        "tekton.dev", "v1", namespace, "taskruns", limit=1) is not None, timeout=120)
+
+
+def test_a_slot_freed_while_the_watch_was_gone_is_seen_by_the_relist(
+        cluster, kube, tekton, watcher, namespace, ctrl_ns):
+    """What a LIST after 410 Gone does not show is gone: a slot Lease deleted while the
+    watcher could not watch frees its slot for the waiting build, though no watch event
+    ever said so."""
+    _api_server(cluster)
+    pool = _pool(kube, ctrl_ns, [{"name": "h1"}])
+    slot = Slots(RunnerKube(kube), ctrl_ns).try_take(
+        pool.host("h1"), 0, Holder(namespace, "earlier", str(uuid.uuid4()), PLATFORM))
+    assert slot is not None
+    w = watcher().start().wait_ready()
+    uid = _builds(tekton, namespace, ["b1"])["b1"]
+    wait_for("b1 queued", lambda: _queued(kube, namespace, "b1"), timeout=30, log=w.log)
+    _restart_api_server(cluster, tekton, namespace,
+                        behind_its_back=[f"/{ctrl_ns}/{slot.lease_name}"])
+    wait_for("watch expired seen", lambda: "watch expired, re-listing" in w.log_text(),
+             timeout=120, log=w.log)
+    wait_for("b1 provisioning", lambda: tekton.get_pr(ctrl_ns, c.provision_run_name(uid)),
+             timeout=60, log=w.log)
 
 
 @pytest.mark.parametrize("flavour", ["pool", "konflux"])
