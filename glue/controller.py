@@ -54,7 +54,7 @@ class Controller:
         self.reflectors: list[Reflector] = []
 
     # --- lifecycle ----------------------------------------------------------------
-    def _on_listed(self, _name: str) -> None:
+    def _on_listed(self) -> None:
         """After a full LIST (the reflector has handed over what it no longer shows as
         deleted): events may have been missed, so every build is looked at once more."""
         with self.store.lock:

@@ -14,8 +14,8 @@ which extracts what it needs and returns whether it keeps anything of it. Of
 those kept, the reflector remembers the name, namespace and uid: one that a
 LIST after a gap (410, a restart of the watch) no longer shows was deleted
 while nobody watched, and is handed over as ``DELETED`` with that metadata
-alone (client-go's DeletedFinalStateUnknown). ``on_listed(name)`` follows
-every full LIST.
+alone (client-go's DeletedFinalStateUnknown). ``on_listed()`` follows every
+full LIST.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ log = logging.getLogger("mpc.glue.informer")
 
 class Reflector:
     def __init__(self, kube: Kube, name: str, path: str, handler: Callable[[str, dict], bool],
-                 on_listed: Callable[[str], None] | None = None,
+                 on_listed: Callable[[], None] | None = None,
                  label_selector: str | None = None, page_size: int = 100,
                  watch_timeout: int = 300, resync_period: float = 0.0,
                  on_error: Callable[[str], None] | None = None,
@@ -42,7 +42,7 @@ class Reflector:
         self.name = name
         self.path = path
         self.handler = handler
-        self.on_listed = on_listed or (lambda name: None)
+        self.on_listed = on_listed or (lambda: None)
         self.on_error = on_error or (lambda kind: None)
         self.label_selector = label_selector
         self.page_size = page_size
@@ -80,7 +80,8 @@ class Reflector:
         md = obj.get("metadata") or {}
         uid = md.get("uid", "")
         if uid and kept and etype != "DELETED":
-            self.known[uid] = {k: md.get(k, "") for k in ("name", "namespace", "uid")}
+            if uid not in self.known:       # a uid's name and namespace never change
+                self.known[uid] = {k: md.get(k, "") for k in ("name", "namespace", "uid")}
         elif uid:
             self.known.pop(uid, None)
         return uid
@@ -96,7 +97,7 @@ class Reflector:
                 return rv
         for uid in set(self.known) - listed:   # deleted while nobody watched
             self._handle("DELETED", {"metadata": self.known[uid]})
-        self.on_listed(self.name)
+        self.on_listed()
         self.lists += 1
         self.synced.set()
         log.info("listed", extra={"fields": {"informer": self.name, "resourceVersion": rv}})
