@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from kubernetes import client
 
 from mpc.runner import contract as c
 
@@ -22,10 +23,11 @@ BUSYBOX = images.BUSYBOX.ref
 
 
 def start_pipeline(inst: Install, ns: str, name: str, prep_seconds: int,
-                   matrix: list[str] | None = None) -> dict:
-    """``prep`` (sleeps, like a clone would take) then ``build``: a Task that asks for a
-    platform and mounts its build secret, as buildah-remote does (``matrix``: fanned out
-    over these PLATFORM values)."""
+                   builds: dict[str, list[str] | None] | None = None) -> dict:
+    """``prep`` (sleeps, like a clone would take), then each of ``builds`` (task name ->
+    the PLATFORM values its matrix fans out over, or None for a plain task; default: one
+    plain task ``build``): a Task that asks for a platform and mounts its build secret, as
+    buildah-remote does."""
     build_spec = {
         "params": [{"name": c.PLATFORM_PARAM, "type": "string"}],
         "volumes": [{"name": "ssh", "secret": {
@@ -33,18 +35,17 @@ def start_pipeline(inst: Install, ns: str, name: str, prep_seconds: int,
         "steps": [{"name": "build", "image": BUSYBOX,
                    "volumeMounts": [{"name": "ssh", "mountPath": "/ssh"}],
                    "script": "#!/bin/sh\nset -e\ntest -f /ssh/id_rsa\ncat /ssh/host\n"}]}
+    tasks = [{"name": "prep", "taskSpec": {"steps": [{
+        "name": "wait", "image": BUSYBOX, "script": f"#!/bin/sh\nsleep {prep_seconds}\n"}]}}]
+    for task, matrix in (builds or {"build": None}).items():
+        tasks.append({"name": task, "runAfter": ["prep"], "taskSpec": build_spec,
+                      **({"matrix": {"params": [{"name": "PLATFORM", "value": matrix}]}}
+                         if matrix else
+                         {"params": [{"name": "PLATFORM", "value": "$(params.PLATFORM)"}]})})
     body = {"apiVersion": "tekton.dev/v1", "kind": "PipelineRun",
             "metadata": {"name": name, "namespace": ns},
             "spec": {"params": [{"name": "PLATFORM", "value": PLATFORM}], "pipelineSpec": {
-                "params": [{"name": "PLATFORM", "type": "string"}],
-                "tasks": [
-                    {"name": "prep", "taskSpec": {"steps": [{
-                        "name": "wait", "image": BUSYBOX,
-                        "script": f"#!/bin/sh\nsleep {prep_seconds}\n"}]}},
-                    {"name": "build", "runAfter": ["prep"], "taskSpec": build_spec,
-                     **({"matrix": {"params": [{"name": "PLATFORM", "value": matrix}]}}
-                        if matrix else
-                        {"params": [{"name": "PLATFORM", "value": "$(params.PLATFORM)"}]})}]}}}
+                "params": [{"name": "PLATFORM", "type": "string"}], "tasks": tasks}}}
     return _co(inst.kube).create_namespaced_custom_object("tekton.dev", "v1", ns,
                                                           "pipelineruns", body)
 
@@ -53,49 +54,56 @@ def nothing_held(inst: Install) -> bool:
     return not inst.slots() and inst.build_users() == {h.name: [] for h in inst.hosts}
 
 
-def test_a_predicted_build_finds_its_secret_there_when_its_taskrun_starts(mpc, e2e_namespace):
+def test_predicted_builds_find_their_secrets_there_when_their_taskruns_start(mpc, e2e_namespace):
+    """A plain task and a matrix of one value (Konflux's one-platform case; Tekton names
+    its one TaskRun like a plain task's): each is provisioned while ``prep`` runs, under
+    its real name, once, and released when it is done."""
     inst, ns = mpc, e2e_namespace
     with pool_setting(inst, "lookAhead", True):
         wait_for("the hosts free", lambda: nothing_held(inst), interval=0.3)
-        pr = start_pipeline(inst, ns, "ahead", prep_seconds=45)
-        child = "ahead-build"
-        key = c.predicted_uid(pr["metadata"]["uid"], child)
-        wait_for("the predicted build's secret", lambda: secret_exists(
-            inst, ns, c.secret_name(child)), interval=0.3)
-        # provisioned while prep still runs: the build TaskRun does not exist yet
-        assert get(inst, ns, "taskruns", child) is None
-        assert any(inst.build_users().values()) and len(inst.slots()) == 1
-        prov = get(inst, NS, "pipelineruns", c.provision_run_name(key))
-        assert prov is None or _cond(prov).get("status") != "False", prov
-
-        done = wait_done(inst, ns, "pipelineruns", "ahead")
-        assert _cond(done).get("status") == "True", _cond(done)
-        tr = get(inst, ns, "taskruns", child)
-        assert _cond(tr).get("status") == "True", _cond(tr)
-        wait_for("its host released", lambda: nothing_held(inst), interval=0.5)
-        wait_for("its secret deleted", lambda: not secret_exists(inst, ns, c.secret_name(child)))
-        # one provisioning, keyed by the prediction: none for the TaskRun's own uid
-        assert get(inst, NS, "pipelineruns", c.provision_run_name(tr["metadata"]["uid"])) is None
-
-
-@pytest.mark.parametrize("fan_out", [1, 2])
-def test_a_matrix_over_platform_is_predicted_child_by_child(mpc, e2e_namespace, fan_out):
-    """Tekton names the TaskRuns of a matrix ``-<i>``, and the one TaskRun of a matrix of
-    one like a plain task's: each is provisioned before it exists, under its real name."""
-    inst, ns = mpc, e2e_namespace
-    name = f"fan{fan_out}"
-    children = [f"{name}-build"] if fan_out == 1 else [f"{name}-build-{i}"
-                                                      for i in range(fan_out)]
-    with pool_setting(inst, "lookAhead", True):
-        wait_for("the hosts free", lambda: nothing_held(inst), interval=0.3)
-        start_pipeline(inst, ns, name, prep_seconds=45, matrix=[PLATFORM] * fan_out)
+        pr = start_pipeline(inst, ns, "ahead", prep_seconds=45,
+                            builds={"build": None, "one": [PLATFORM]})
+        children = ["ahead-build", "ahead-one"]
         for child in children:
             wait_for(f"{child}'s secret", lambda child=child: secret_exists(
                 inst, ns, c.secret_name(child)), interval=0.3)
-        assert [get(inst, ns, "taskruns", child) for child in children] == [None] * fan_out
-        assert len(inst.slots()) == fan_out
+        # provisioned while prep still runs: the build TaskRuns do not exist yet
+        assert [get(inst, ns, "taskruns", child) for child in children] == [None, None]
+        assert sum(map(len, inst.build_users().values())) == 2 and len(inst.slots()) == 2
+        for child in children:
+            key = c.predicted_uid(pr["metadata"]["uid"], child)
+            prov = get(inst, NS, "pipelineruns", c.provision_run_name(key))
+            assert prov is None or _cond(prov).get("status") != "False", prov
 
-        done = wait_done(inst, ns, "pipelineruns", name)
+        done = wait_done(inst, ns, "pipelineruns", "ahead")
+        assert _cond(done).get("status") == "True", _cond(done)
+        for child in children:
+            tr = get(inst, ns, "taskruns", child)
+            assert _cond(tr).get("status") == "True", (child, _cond(tr))
+            # one provisioning, keyed by the prediction: none for the TaskRun's own uid
+            assert get(inst, NS, "pipelineruns",
+                       c.provision_run_name(tr["metadata"]["uid"])) is None, child
+        wait_for("their hosts released", lambda: nothing_held(inst), interval=0.5)
+        for child in children:
+            wait_for(f"{child}'s secret deleted",
+                     lambda child=child: not secret_exists(inst, ns, c.secret_name(child)))
+
+
+def test_a_matrix_over_platform_is_predicted_child_by_child(mpc, e2e_namespace):
+    """Tekton names the TaskRuns of a matrix ``-<i>``: each is provisioned before it
+    exists, under its real name."""
+    inst, ns = mpc, e2e_namespace
+    children = ["fan-build-0", "fan-build-1"]
+    with pool_setting(inst, "lookAhead", True):
+        wait_for("the hosts free", lambda: nothing_held(inst), interval=0.3)
+        start_pipeline(inst, ns, "fan", prep_seconds=45, builds={"build": [PLATFORM] * 2})
+        for child in children:
+            wait_for(f"{child}'s secret", lambda child=child: secret_exists(
+                inst, ns, c.secret_name(child)), interval=0.3)
+        assert [get(inst, ns, "taskruns", child) for child in children] == [None, None]
+        assert len(inst.slots()) == 2
+
+        done = wait_done(inst, ns, "pipelineruns", "fan")
         assert _cond(done).get("status") == "True", _cond(done)
         for child in children:
             tr = get(inst, ns, "taskruns", child)
@@ -105,25 +113,45 @@ def test_a_matrix_over_platform_is_predicted_child_by_child(mpc, e2e_namespace, 
         wait_for("their hosts released", lambda: nothing_held(inst), interval=0.5)
 
 
-@pytest.mark.parametrize("end", ["cancelled", "deleted"])
-def test_a_predicted_build_never_created_releases_its_slot_and_user(mpc, e2e_namespace, end):
+def test_predicted_builds_never_created_release_their_slots_and_users(mpc, e2e_namespace):
+    """One PipelineRun is cancelled and another deleted, each before it creates the build
+    that was provisioned for it: each build's slot, user and secret go."""
     inst, ns = mpc, e2e_namespace
+    ends = {"never-c": "cancelled", "never-d": "deleted"}
     with pool_setting(inst, "lookAhead", True):
         wait_for("the hosts free", lambda: nothing_held(inst), interval=0.3)
-        start_pipeline(inst, ns, "never", prep_seconds=300)
-        child = "never-build"
-        wait_for("the predicted build provisioned", lambda: secret_exists(
-            inst, ns, c.secret_name(child)), interval=0.3)
-        assert len(inst.slots()) == 1 and any(inst.build_users().values())
+        held = {}       # PipelineRun -> (its build's slot holder key, user, secret)
+        for name in ends:
+            pr = start_pipeline(inst, ns, name, prep_seconds=300)
+            child, key = f"{name}-build", c.predicted_uid(pr["metadata"]["uid"], f"{name}-build")
+            held[name] = (key, c.build_user(ns, child, key), c.secret_name(child))
+        for name, (_, _, secret) in held.items():
+            wait_for(f"{name}'s predicted build provisioned",
+                     lambda secret=secret: secret_exists(inst, ns, secret), interval=0.3)
+        users = [u for us in inst.build_users().values() for u in us]
+        assert sorted(users) == sorted(user for _, user, _ in held.values())
+        assert len(inst.slots()) == 2
         t0 = time.monotonic()
         co = _co(inst.kube)
-        if end == "cancelled":
-            co.patch_namespaced_custom_object("tekton.dev", "v1", ns, "pipelineruns", "never",
-                                              {"spec": {"status": "Cancelled"}})
-        else:
-            co.delete_namespaced_custom_object("tekton.dev", "v1", ns, "pipelineruns", "never")
-        wait_for("its slot and user released", lambda: nothing_held(inst), interval=0.5)
-        wait_for("its secret deleted", lambda: not secret_exists(inst, ns, c.secret_name(child)))
-        print(f"\nFIGURES predicted build never created ({end}): host released "
-              f"{time.monotonic() - t0:.1f} s after")
-        assert get(inst, ns, "taskruns", child) is None     # it never existed
+        co.patch_namespaced_custom_object("tekton.dev", "v1", ns, "pipelineruns", "never-c",
+                                          {"spec": {"status": "Cancelled"}})
+        co.delete_namespaced_custom_object("tekton.dev", "v1", ns, "pipelineruns", "never-d")
+        released: dict[str, float] = {}
+
+        def all_released() -> bool:
+            slots = {lease.metadata.labels.get(c.LABEL_TASKRUN_UID) for lease in
+                     client.CoordinationV1Api(inst.kube).list_namespaced_lease(
+                         NS, label_selector=f"{c.LABEL_ROLE}=slot").items}
+            users = {u for us in inst.build_users().values() for u in us}
+            for name, (key, user, secret) in held.items():
+                if name not in released and key not in slots and user not in users \
+                        and not secret_exists(inst, ns, secret):
+                    released[name] = time.monotonic() - t0
+            return len(released) == len(held)
+
+        wait_for("their slots, users and secrets released", all_released, interval=0.5)
+        for name, end in ends.items():
+            print(f"\nFIGURES predicted build never created ({end}): host released "
+                  f"{released[name]:.1f} s after")
+            assert get(inst, ns, "taskruns", f"{name}-build") is None     # it never existed
+        assert nothing_held(inst)
