@@ -54,33 +54,30 @@ def nothing_held(inst: Install) -> bool:
     return not inst.slots() and inst.build_users() == {h.name: [] for h in inst.hosts}
 
 
-def test_predicted_builds_find_their_secrets_there_when_their_taskruns_start(mpc, e2e_namespace):
-    """A plain task and a matrix of one value (Konflux's one-platform case; Tekton names
-    its one TaskRun like a plain task's): each is provisioned while ``prep`` runs, under
-    its real name, once, and released when it is done."""
-    inst, ns = mpc, e2e_namespace
+def provisioned_ahead_then_served(inst: Install, ns: str, name: str,
+                                  builds: dict[str, list[str] | None], children: list[str]):
+    """Start PipelineRun ``name``: each of ``children`` (the build TaskRuns it will create)
+    is provisioned while ``prep`` runs, before its TaskRun exists, once (keyed by the
+    prediction: no run for the TaskRun's own uid), served, and released when it is done."""
     with pool_setting(inst, "lookAhead", True):
         wait_for("the hosts free", lambda: nothing_held(inst), interval=0.3)
-        pr = start_pipeline(inst, ns, "ahead", prep_seconds=45,
-                            builds={"build": None, "one": [PLATFORM]})
-        children = ["ahead-build", "ahead-one"]
+        pr = start_pipeline(inst, ns, name, prep_seconds=45, builds=builds)
         for child in children:
             wait_for(f"{child}'s secret", lambda child=child: secret_exists(
                 inst, ns, c.secret_name(child)), interval=0.3)
-        # provisioned while prep still runs: the build TaskRuns do not exist yet
-        assert [get(inst, ns, "taskruns", child) for child in children] == [None, None]
-        assert sum(map(len, inst.build_users().values())) == 2 and len(inst.slots()) == 2
+        assert [get(inst, ns, "taskruns", child) for child in children] == [None] * len(children)
+        assert sum(map(len, inst.build_users().values())) == len(children)
+        assert len(inst.slots()) == len(children)
         for child in children:
             key = c.predicted_uid(pr["metadata"]["uid"], child)
             prov = get(inst, NS, "pipelineruns", c.provision_run_name(key))
             assert prov is None or _cond(prov).get("status") != "False", prov
 
-        done = wait_done(inst, ns, "pipelineruns", "ahead")
+        done = wait_done(inst, ns, "pipelineruns", name)
         assert _cond(done).get("status") == "True", _cond(done)
         for child in children:
             tr = get(inst, ns, "taskruns", child)
             assert _cond(tr).get("status") == "True", (child, _cond(tr))
-            # one provisioning, keyed by the prediction: none for the TaskRun's own uid
             assert get(inst, NS, "pipelineruns",
                        c.provision_run_name(tr["metadata"]["uid"])) is None, child
         wait_for("their hosts released", lambda: nothing_held(inst), interval=0.5)
@@ -89,28 +86,17 @@ def test_predicted_builds_find_their_secrets_there_when_their_taskruns_start(mpc
                      lambda child=child: not secret_exists(inst, ns, c.secret_name(child)))
 
 
-def test_a_matrix_over_platform_is_predicted_child_by_child(mpc, e2e_namespace):
-    """Tekton names the TaskRuns of a matrix ``-<i>``: each is provisioned before it
-    exists, under its real name."""
-    inst, ns = mpc, e2e_namespace
-    children = ["fan-build-0", "fan-build-1"]
-    with pool_setting(inst, "lookAhead", True):
-        wait_for("the hosts free", lambda: nothing_held(inst), interval=0.3)
-        start_pipeline(inst, ns, "fan", prep_seconds=45, builds={"build": [PLATFORM] * 2})
-        for child in children:
-            wait_for(f"{child}'s secret", lambda child=child: secret_exists(
-                inst, ns, c.secret_name(child)), interval=0.3)
-        assert [get(inst, ns, "taskruns", child) for child in children] == [None, None]
-        assert len(inst.slots()) == 2
+def test_predicted_builds_find_their_secrets_there_when_their_taskruns_start(mpc, e2e_namespace):
+    """A plain task, and a matrix of one value (Konflux's one-platform case: Tekton names
+    its one TaskRun like a plain task's)."""
+    provisioned_ahead_then_served(mpc, e2e_namespace, "ahead",
+                                  {"build": None, "one": [PLATFORM]}, ["ahead-build", "ahead-one"])
 
-        done = wait_done(inst, ns, "pipelineruns", "fan")
-        assert _cond(done).get("status") == "True", _cond(done)
-        for child in children:
-            tr = get(inst, ns, "taskruns", child)
-            assert _cond(tr).get("status") == "True", (child, _cond(tr))
-            assert get(inst, NS, "pipelineruns",
-                       c.provision_run_name(tr["metadata"]["uid"])) is None, child
-        wait_for("their hosts released", lambda: nothing_held(inst), interval=0.5)
+
+def test_a_matrix_over_platform_is_predicted_child_by_child(mpc, e2e_namespace):
+    """Tekton names the TaskRuns of a matrix ``-<i>``."""
+    provisioned_ahead_then_served(mpc, e2e_namespace, "fan", {"build": [PLATFORM] * 2},
+                                  ["fan-build-0", "fan-build-1"])
 
 
 def test_predicted_builds_never_created_release_their_slots_and_users(mpc, e2e_namespace):
