@@ -88,9 +88,16 @@ class Install:
         assert r.returncode == 0, f"kubectl {' '.join(args)}: {r.stderr}"
         return r.stdout
 
+    def _slot_leases(self) -> list:
+        return client.CoordinationV1Api(self.kube).list_namespaced_lease(
+            NS, label_selector=f"{c.LABEL_ROLE}=slot").items
+
     def slots(self) -> list[str]:
-        return [lease.metadata.name for lease in client.CoordinationV1Api(self.kube)
-                .list_namespaced_lease(NS, label_selector=f"{c.LABEL_ROLE}=slot").items]
+        return [lease.metadata.name for lease in self._slot_leases()]
+
+    def slot_holders(self) -> set[str]:
+        """The builds (their uid, or a predicted build's key) holding a slot now."""
+        return {lease.metadata.labels.get(c.LABEL_TASKRUN_UID) for lease in self._slot_leases()}
 
     def build_users(self) -> dict[str, list[str]]:
         return {h.name: [u for u in h.users() if c.USER_RE.match(u)] for h in self.hosts}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from kubernetes import client
 
 from mpc.runner import contract as c
 
@@ -125,9 +124,7 @@ def test_predicted_builds_never_created_release_their_slots_and_users(mpc, e2e_n
         released: dict[str, float] = {}
 
         def all_released() -> bool:
-            slots = {lease.metadata.labels.get(c.LABEL_TASKRUN_UID) for lease in
-                     client.CoordinationV1Api(inst.kube).list_namespaced_lease(
-                         NS, label_selector=f"{c.LABEL_ROLE}=slot").items}
+            slots = inst.slot_holders()
             users = {u for us in inst.build_users().values() for u in us}
             for name, (key, user, secret) in held.items():
                 if name not in released and key not in slots and user not in users \
