@@ -31,9 +31,11 @@ every build not deleted on purpose ended served, or with an error secret whose
 message names the real cause, or failed on a host that went down under it; no
 build user, slot, waiter, stray process or container on the hosts; no build
 secret; no finalizer; no over-allocation. It prints builds, faults by kind,
-leaks, over-allocations, p50/p99 time to secret and API requests per build (the
-API server's own ``apiserver_request_total`` before and after, across its
-restart; what the soak's own observers asked is counted and shown apart).
+leaks, over-allocations, p50/p99 time to secret and from secret to build step
+(docs/queue.md: a build that waited gets its pod started only at the kubelet's
+next mount retry), and API requests per build (the API server's own
+``apiserver_request_total`` before and after, across its restart; what the
+soak's own observers asked is counted and shown apart).
 """
 from __future__ import annotations
 
@@ -200,6 +202,7 @@ class Build:
     finalizer_seen: bool = False
     finalizers: list = field(default_factory=list)
     step_running: bool = False
+    step_at: float = 0.0                 # wall clock, when a step was first seen started
     secret_at: float = 0.0
     served_host: str = ""                # pool host name from the secret
     error: str = ""                      # the error secret's message
@@ -287,7 +290,10 @@ class Soak:
                 b.reason = f"{cond.get('reason', '')}: {cond.get('message', '')[:300]}"
                 b.result = "".join(str(r.get("value", "")) for r in
                                    (tr.get("status") or {}).get("results") or ())
-            b.step_running = any(s.get("running") for s in (tr.get("status") or {}).get("steps") or ())
+            steps = (tr.get("status") or {}).get("steps") or ()
+            b.step_running = any(s.get("running") for s in steps)
+            if not b.step_at and any(s.get("running") or s.get("terminated") for s in steps):
+                b.step_at = time.time()
 
     def on_secret(self, typ: str, s: dict) -> None:
         name = s["metadata"]["name"]
@@ -711,6 +717,13 @@ def test_soak_nothing_leaks_nothing_over_allocates_under_faults(mpc, e2e_namespa
         f"{[v for _, v in soak.limits[h]]})" for h in soak.names) + f"; {soak.samples} samples")
     print(f"FIGURES time to secret (served): p50 {_pct(to_secret, 50):.1f} s, p99 "
           f"{_pct(to_secret, 99):.1f} s (n={len(to_secret)})")
+    # the slot is held from before the secret is written; the build's pod mounts it only
+    # at the kubelet's next retry, whose back-off doubles up to 2m2s while the build waits
+    for label, lo, hi in (("within 30 s", 0, 30), ("after 60 s or more", 60, float("inf"))):
+        idle = [b.step_at - b.secret_at for b in builds if b.served_host and b.secret_at
+                and b.step_at and lo <= b.secret_at - b.created < hi]
+        print(f"FIGURES secret -> build step, secret {label} of its create: p50 "
+              f"{_pct(idle, 50):.1f} s, p99 {_pct(idle, 99):.1f} s (n={len(idle)})")
     print(f"FIGURES API requests: {api_total:.0f} in all, {api_total / BUILDS:.0f} per build "
           f"(the soak's own observers: {soak.cc.requests}, "
           f"{(api_total - soak.cc.requests) / BUILDS:.0f} per build without them)")
