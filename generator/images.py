@@ -22,6 +22,7 @@ what the Tasks and the Deployment are pinned to (``bundles_pin.Pins.images``).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -32,6 +33,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -66,6 +68,20 @@ def _run(argv: list[str], what: str, **kw) -> subprocess.CompletedProcess:
     return p
 
 
+def _cached(out: Path, make: Callable[[], None]) -> Path:
+    """Cache entry ``out``, made by ``make`` (which renames it into place) if absent. One
+    maker at a time: a second ``mpc images`` run wanting it (a test worker beside another,
+    ``make run`` beside ``make test``) waits for the first and finds it made, instead of
+    making the same thing beside it."""
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f".{out.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not out.exists():
+                make()
+    return out
+
+
 def _key(*parts: bytes | str) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -78,9 +94,10 @@ def _key(*parts: bytes | str) -> str:
 def base_tarball(log=print) -> Path:
     """The debootstrapped base rootfs as a tarball, built once per package list."""
     out = cache_dir() / f"debian-base-{SUITE}-{_key(RECIPE, SUITE, MIRROR, *BASE_PACKAGES)}.tar"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return _cached(out, lambda: _make_base(out, log))
+
+
+def _make_base(out: Path, log) -> None:
     log(f"building the Debian {SUITE} base with debootstrap (once; cached in {out.parent})")
     debs = cache_dir() / "debs"
     debs.mkdir(parents=True, exist_ok=True)
@@ -99,7 +116,6 @@ def base_tarball(log=print) -> Path:
         _run(["tar", "-C", str(root), "--numeric-owner", "--sort=name", "--mtime=@0",
               "-cf", str(part), "."], "tar of the base")
         os.replace(part, out)
-    return out
 
 
 def runtime_constraints() -> list[str]:
@@ -135,8 +151,10 @@ def wheelhouse(log=print) -> Path:
     key = _key(RECIPE, PIP_VERSION, *constraints,
                *(hashlib.sha256(p.read_bytes()).hexdigest() for p in _sources()))
     out = cache_dir() / f"wheels-{key}"
-    if out.exists():
-        return out
+    return _cached(out, lambda: _make_wheelhouse(out, constraints, log))
+
+
+def _make_wheelhouse(out: Path, constraints: list[str], log) -> None:
     log("building the wheelhouse (mpc + pinned dependencies)")
     part = out.with_name(f".{out.name}.{os.getpid()}")
     shutil.rmtree(part, ignore_errors=True)
@@ -154,13 +172,7 @@ def wheelhouse(log=print) -> Path:
               "--constraint", str(cfile), str(src)], "pip wheel", env=env, cwd=tmp)
         _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest",
               str(part), f"pip=={PIP_VERSION}"], "pip download pip", env=env)
-    try:
-        os.replace(part, out)
-    except OSError:
-        if not out.exists():
-            raise
-        shutil.rmtree(part, ignore_errors=True)   # a concurrent run made the same key first
-    return out
+    os.replace(part, out)
 
 
 # --- buildah ------------------------------------------------------------------------------
@@ -216,9 +228,10 @@ def built_archive(name: str, base: str | None = None, log=print) -> Path:
     """The image as an OCI archive, built once per ``image_key`` (cached)."""
     base_tar = None if base else base_tarball(log)
     out = cache_dir() / "built" / f"{name}-{image_key(name, base or base_tar.name)}.tar"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return _cached(out, lambda: _make_archive(name, base, base_tar, out, log))
+
+
+def _make_archive(name: str, base: str | None, base_tar: Path | None, out: Path, log) -> None:
     log(f"building image {name} from {IMAGES[name][0]}")
     store = Store.create()
     try:
@@ -230,7 +243,6 @@ def built_archive(name: str, base: str | None = None, log=print) -> Path:
         os.replace(part, out)
     finally:
         store.close()
-    return out
 
 
 def push_archive(archive: Path, dest: str, tls_verify: bool = True) -> str:

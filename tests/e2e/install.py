@@ -131,7 +131,6 @@ def _release(node, work: Path, version: str = "e2e") -> tuple[dict[str, str], di
     # machine; the node's netns has none, so the release itself then runs offline. The
     # wheelhouse is keyed by mpc's sources: when they change in between (someone editing the
     # working tree meanwhile), the offline release cannot make it; prepare again and retry.
-    # (Two sessions preparing the same wheelhouse at once collide too: retried the same way.)
     for attempt in range(3):
         prep = subprocess.run([str(BIN / "mpc"), "images", "prepare"], capture_output=True,
                               text=True, timeout=1200, cwd=REPO)
